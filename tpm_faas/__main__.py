@@ -1,0 +1,3 @@
+from tpm_faas.cli import main
+
+main()

@@ -1,0 +1,98 @@
+"""Settings of one tpm_faas installation, read from the environment in one place.
+
+Precedence: an explicit argument to :meth:`Settings.from_env` > a ``TPM_FAAS_*`` environment
+variable > the default below. Nothing here is read at import time.
+
+==========================  ==============================================  ==========================
+variable                    meaning                                         default
+==========================  ==============================================  ==========================
+``TPM_FAAS_HOME``           state directory (registry, ledger, results)     ``~/.tpm_faas``
+``TPM_FAAS_POLICY``         site policy YAML                                ``policies/local-dev.yaml``
+                                                                            of the source tree
+``TPM_FAAS_AUTH``           ``local`` (dev tokens file) or ``globus``       ``local``
+``TPM_FAAS_DEV_TOKENS``     dev tokens file for ``local`` auth              ``$TPM_FAAS_HOME/dev-tokens.yaml``
+``TPM_FAAS_CLIENT_ID``      the TPM resource server's Globus Auth client    ``local-dev``
+``TPM_FAAS_CLIENT_SECRET``  its secret (``globus`` auth only)               unset
+``TPM_FAAS_MAPPED_IDENTITY``the identity the endpoint mapped this worker to unset (no check)
+``TPM_FAAS_LEDGER``         SQLAlchemy URL of the SU ledger                 ``sqlite:///$HOME/ledger.sqlite``
+``TPM_FAAS_MODELS``         ``:``-separated model roots                     the bundled models
+``TPM_FAAS_SHARD_TIMEOUT``  seconds to wait for a shard group's answer      ``300``
+==========================  ==============================================  ==========================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUNDLED_MODELS = PACKAGE_DIR / "data" / "models"
+SOURCE_POLICIES = PACKAGE_DIR.parent / "policies"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where state lives and which site services to use."""
+
+    home: Path
+    policy_path: Path
+    auth_backend: str = "local"
+    dev_tokens_path: Path | None = None
+    client_id: str = "local-dev"
+    client_secret: str | None = None
+    mapped_identity: str | None = None
+    ledger_url: str = ""
+    model_roots: tuple[Path, ...] = (BUNDLED_MODELS,)
+    shard_timeout_s: float = 300.0
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def registry_dir(self) -> Path:
+        """Where shard groups register their addresses."""
+        return self.home / "registry"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.home / "results"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from ``env`` (default ``os.environ``) and keyword overrides."""
+        e = os.environ if env is None else env
+        home = Path(e.get("TPM_FAAS_HOME") or Path.home() / ".tpm_faas").expanduser()
+        roots = e.get("TPM_FAAS_MODELS")
+        values: dict[str, object] = {
+            "home": home,
+            "policy_path": Path(e.get("TPM_FAAS_POLICY") or SOURCE_POLICIES / "local-dev.yaml"),
+            "auth_backend": e.get("TPM_FAAS_AUTH", "local"),
+            "dev_tokens_path": Path(e.get("TPM_FAAS_DEV_TOKENS") or home / "dev-tokens.yaml"),
+            "client_id": e.get("TPM_FAAS_CLIENT_ID", "local-dev"),
+            "client_secret": e.get("TPM_FAAS_CLIENT_SECRET"),
+            "mapped_identity": e.get("TPM_FAAS_MAPPED_IDENTITY") or None,
+            "ledger_url": e.get("TPM_FAAS_LEDGER") or f"sqlite:///{home / 'ledger.sqlite'}",
+            "model_roots": tuple(Path(p) for p in roots.split(":") if p)
+            if roots
+            else (BUNDLED_MODELS,),
+            "shard_timeout_s": float(e.get("TPM_FAAS_SHARD_TIMEOUT", "300")),
+        }
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that reproduce these settings in another process."""
+        env = {
+            "TPM_FAAS_HOME": str(self.home),
+            "TPM_FAAS_POLICY": str(self.policy_path),
+            "TPM_FAAS_AUTH": self.auth_backend,
+            "TPM_FAAS_CLIENT_ID": self.client_id,
+            "TPM_FAAS_LEDGER": self.ledger_url,
+            "TPM_FAAS_MODELS": ":".join(str(p) for p in self.model_roots),
+            "TPM_FAAS_SHARD_TIMEOUT": str(self.shard_timeout_s),
+        }
+        if self.dev_tokens_path is not None:
+            env["TPM_FAAS_DEV_TOKENS"] = str(self.dev_tokens_path)
+        if self.mapped_identity:
+            env["TPM_FAAS_MAPPED_IDENTITY"] = self.mapped_identity
+        return env

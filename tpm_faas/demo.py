@@ -1,0 +1,151 @@
+"""``tpm-faas demo``: one request in each mode through the whole embedded path."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tpm_faas.client import Result
+from tpm_faas.embedded import DEV_USERS, EmbeddedSite
+from tpm_faas.gateway.ledger import to_su
+
+PROMPT = "And God said, Let there be"
+STEER_FROM = "the land of Egypt, and Pharaoh king of Egypt"
+
+
+def run_demo(
+    *,
+    tp_size: int = 1,
+    home: Path | None = None,
+    emit: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Bring the embedded site up, run the modes, print the results and ledger, tear down.
+
+    Returns a machine-readable summary (what ``--json`` prints).
+    """
+    tmp = None
+    if home is None:
+        tmp = tempfile.TemporaryDirectory(prefix="tpm-faas-demo-")
+        home = Path(tmp.name)
+    summary: dict[str, Any] = {"model": "demo-tpm@1", "tp_size": tp_size, "modes": {}}
+    t0 = time.monotonic()
+    try:
+        with EmbeddedSite(home, tp_size=tp_size).start(progress=progress) as site:
+            summary["startup_s"] = round(time.monotonic() - t0, 2)
+            client = site.client("dev")
+            import numpy as np
+
+            # -- query ----------------------------------------------------------------
+            q = client.generate(PROMPT, max_new_tokens=48, logprobs=True)
+            _record(summary, q)
+            emit(_heading("query: prompt -> text (greedy)"))
+            emit(f"  prompt : {PROMPT!r}")
+            emit(f"  output : {q.text!r}")
+            lp = q.output["completions"][0]["logprobs"][:6]
+            emit("  logprobs of the first tokens: " + ", ".join(f"{e['token']}:{e['logprob']:.2f}" for e in lp))
+            emit(_usage_line(q))
+
+            # -- embed ----------------------------------------------------------------
+            rng = np.random.default_rng(0)
+            feats = rng.standard_normal((3, 4, 16)).astype(np.float32)
+            e = client.embed(adapter="features-linear", adapter_input=feats, head="regression")
+            _record(summary, e)
+            out = e.tensor()
+            emit(_heading("embed: adapter 'features-linear' -> frozen core -> head 'regression'"))
+            emit(f"  input  : feature vectors {list(feats.shape)} (batch, tokens, features)")
+            emit(f"  output : head 'regression' {list(out.shape)} = {np.round(out[:, 0], 4).tolist()}")
+            emit(_usage_line(e))
+
+            # -- intervene: logit lens and a saved residual, then steering -------------
+            i1 = client.intervene(
+                PROMPT,
+                [
+                    {"op": "logit_lens", "layers": "*", "positions": [-1], "top_k": 5},
+                    {"op": "save", "layers": [1, 3], "positions": [-1]},
+                ],
+            )
+            _record(summary, i1)
+            emit(_heading("intervene: logit lens at the last prompt token (top 5 per layer)"))
+            for row in i1.output["logit_lens"]:
+                tops = "  ".join(f"{t['token']!s:>3} {t['prob']:.2f}" for t in row["top"])
+                emit(f"  layer {row['layer']}  {tops}")
+            for site_name, arr in i1.saved.items():
+                emit(f"  saved {site_name}: {list(arr.shape)}, norm {float(np.linalg.norm(arr)):.2f}")
+            emit(_usage_line(i1))
+
+            src = client.intervene(STEER_FROM, [{"op": "save", "layers": [1], "positions": None}])
+            vec = src.saved["blocks.1.hook_resid_post"].mean(axis=0)
+            i2 = client.intervene(
+                PROMPT,
+                [{"op": "add", "layer": 1, "vector": vec, "scale": 3.0}],
+                max_new_tokens=48,
+            )
+            _record(summary, i2, key="intervene_steer")
+            emit(_heading("intervene: steering (add 3 x mean resid_post of another text at layer 1)"))
+            emit(f"  steered from : {STEER_FROM!r}")
+            emit(f"  unsteered    : {q.text!r}")
+            emit(f"  steered      : {i2.text!r}")
+            emit(_usage_line(i2))
+
+            # -- the ledger -----------------------------------------------------------
+            ledger = site.ledger()
+            project = DEV_USERS["dev"].project
+            bal = ledger.balance(project)
+            charges = ledger.charges(project)
+            open_holds = ledger.open_holds()
+            ledger.close()
+            emit(_heading(f"SU ledger of project {project!r}"))
+            emit(f"  {'request':<38} {'mode':<10} {'held SU':>10} {'charged SU':>11}")
+            for c in charges:
+                emit(f"  {c['request_id']:<38} {c['mode']:<10} {to_su(c['amount']):>10.6f} {to_su(c['charged']):>11.6f}")
+            emit(
+                f"  credited {to_su(bal.credited):.6f}  charged {to_su(bal.charged):.6f}  "
+                f"held {to_su(bal.held):.6f}  available {to_su(bal.available):.6f}"
+            )
+            summary["ledger"] = {
+                "project": project,
+                "credited_su": to_su(bal.credited),
+                "charged_su": to_su(bal.charged),
+                "held_su": to_su(bal.held),
+                "open_holds": len(open_holds),
+                "charges": len(charges),
+            }
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    summary["ok"] = all(m["ok"] for m in summary["modes"].values()) and summary["ledger"]["open_holds"] == 0
+    summary["total_s"] = round(time.monotonic() - t0, 2)
+    return summary
+
+
+def _record(summary: dict[str, Any], r: Result, key: str | None = None) -> None:
+    summary["modes"][key or r.mode] = {
+        "ok": True,
+        "request_id": r.request_id,
+        "su": r.usage["su"],
+        "usage": r.usage,
+        "receipt": r.receipt,
+    }
+
+
+def _heading(text: str) -> str:
+    return f"\n== {text} " + "=" * max(0, 86 - len(text))
+
+
+def _usage_line(r: Result) -> str:
+    u = r.usage
+    return (
+        f"  usage  : {u['input_tokens']} tokens in, {u['output_tokens']} out, "
+        f"{u['bytes_returned']} bytes, {u['hooked_sites']} hook sites -> {u['su']:.6f} SU "
+        f"(held {u['su_held']:.6f}); receipt: checkpoint {r.receipt['checkpoint_sha256'][:12]}, "
+        f"request {r.receipt['request_sha256'][:12]}"
+    )
+
+
+def dumps(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, indent=2, sort_keys=True)

@@ -1,0 +1,182 @@
+"""The one exception tree of tpm_faas.
+
+Every error a user can see carries a stable ``code`` (a short snake_case string that
+clients and tests match on) and, for the CLI, an ``exit_code``::
+
+    TPMError                                  code            exit
+    ├── RequestError(TPMError, ValueError)      bad_request       2
+    │   ├── MalformedRequest                    malformed_json
+    │   ├── UnknownModel                        unknown_model
+    │   ├── LimitExceeded                       limit_exceeded
+    │   └── TensorError                         bad_tensor
+    ├── AuthError                               unauthorized      3
+    │   ├── TokenMissing                        token_missing
+    │   ├── TokenInvalid                        token_invalid
+    │   ├── TokenExpired                        token_expired
+    │   └── ScopeMissing                        scope_missing
+    ├── PolicyDenied                            policy_denied     4
+    ├── LedgerError                             ledger_error      5
+    │   ├── InsufficientFunds                   insufficient_su
+    │   └── DuplicateRequest                    duplicate_request
+    ├── ShardGroupError                         shard_unavailable 6
+    │   └── ShardTimeout                        shard_timeout
+    ├── ConfigError                             config_error      7
+    └── RemoteError                             (the remote code)  8
+
+Errors cross the Globus Compute boundary as a plain record (:meth:`TPMError.to_record`),
+never as a pickled exception, and are raised again on the client as :class:`RemoteError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TPMError(Exception):
+    """Root of every tpm_faas error.
+
+    :param message: what went wrong, naming the offending field or value
+    :param code: overrides the class's default code
+    """
+
+    code: ClassVar[str] = "internal"
+    exit_code: ClassVar[int] = 1
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self._code = code
+        self.request_id: str | None = None
+
+    @property
+    def error_code(self) -> str:
+        """The code of this instance (the class default unless overridden)."""
+        return self._code or type(self).code
+
+    def to_record(self, request_id: str | None = None) -> dict[str, Any]:
+        """The plain record that crosses process and network boundaries."""
+        return {
+            "type": type(self).__name__,
+            "code": self.error_code,
+            "message": self.message,
+            "request_id": request_id or self.request_id,
+        }
+
+    def __str__(self) -> str:
+        return f"[{self.error_code}] {self.message}"
+
+
+class RequestError(TPMError, ValueError):
+    """The request itself is wrong; fix it and send it again."""
+
+    code = "bad_request"
+    exit_code = 2
+
+
+class MalformedRequest(RequestError):
+    code = "malformed_json"
+
+
+class UnknownModel(RequestError):
+    code = "unknown_model"
+
+
+class LimitExceeded(RequestError):
+    code = "limit_exceeded"
+
+
+class TensorError(RequestError):
+    code = "bad_tensor"
+
+
+class AuthError(TPMError, PermissionError):
+    """The caller could not be authenticated for this mode."""
+
+    code = "unauthorized"
+    exit_code = 3
+
+
+class TokenMissing(AuthError):
+    code = "token_missing"
+
+
+class TokenInvalid(AuthError):
+    code = "token_invalid"
+
+
+class TokenExpired(AuthError):
+    code = "token_expired"
+
+
+class ScopeMissing(AuthError):
+    code = "scope_missing"
+
+
+class PolicyDenied(TPMError, PermissionError):
+    """The site policy does not allow this request."""
+
+    code = "policy_denied"
+    exit_code = 4
+
+
+class LedgerError(TPMError):
+    code = "ledger_error"
+    exit_code = 5
+
+
+class InsufficientFunds(LedgerError):
+    code = "insufficient_su"
+
+
+class DuplicateRequest(LedgerError):
+    code = "duplicate_request"
+
+
+class ShardGroupError(TPMError, RuntimeError):
+    """The shard group serving the model is not reachable or failed the request."""
+
+    code = "shard_unavailable"
+    exit_code = 6
+
+
+class ShardTimeout(ShardGroupError, TimeoutError):
+    code = "shard_timeout"
+
+
+class ConfigError(TPMError):
+    """Site configuration (policy, tokens file, settings) is invalid or missing."""
+
+    code = "config_error"
+    exit_code = 7
+
+
+class RemoteError(TPMError):
+    """An error raised on the endpoint side, carried back as a record.
+
+    :param code: the remote error's code
+    :param remote_type: the remote exception's class name
+    :param request_id: the request it belongs to
+    """
+
+    exit_code = 8
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        remote_type: str = "TPMError",
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.remote_type = remote_type
+        self.request_id = request_id
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RemoteError:
+        return cls(
+            str(record.get("message", "")),
+            code=str(record.get("code", "internal")),
+            remote_type=str(record.get("type", "TPMError")),
+            request_id=record.get("request_id"),
+        )

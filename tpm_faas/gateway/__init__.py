@@ -1,0 +1,192 @@
+"""The gateway pipeline every mode function runs: parse → auth → policy → hold → shard → post.
+
+The only entry point is :func:`handle`. It never raises: the caller gets a JSON document,
+either a result (with usage and a receipt) or an error record with a code. Nothing is
+charged for a request that fails: its hold is voided, or never made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from pydantic import ValidationError
+
+from tpm_faas.config import Settings
+from tpm_faas.errors import ConfigError, MalformedRequest, RequestError, TPMError
+from tpm_faas.gateway.auth import Authenticator, GlobusIntrospector, Introspector, LocalIntrospector
+from tpm_faas.gateway.ledger import Ledger, to_su
+from tpm_faas.gateway.policy import Policy, Usage
+from tpm_faas.registry import Registry
+from tpm_faas.shard_client import ShardClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Gateway:
+    """The site services one worker uses, built once per process from :class:`Settings`."""
+
+    settings: Settings
+    authenticator: Authenticator
+    policy: Policy
+    ledger: Ledger
+    registry: Registry
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Gateway:
+        introspector: Introspector
+        if settings.auth_backend == "local":
+            if settings.dev_tokens_path is None:
+                raise ConfigError("local auth needs TPM_FAAS_DEV_TOKENS")
+            introspector = LocalIntrospector(settings.dev_tokens_path)
+        elif settings.auth_backend == "globus":
+            if not settings.client_secret:
+                raise ConfigError("globus auth needs TPM_FAAS_CLIENT_SECRET")
+            introspector = GlobusIntrospector(settings.client_id, settings.client_secret)
+        else:
+            raise ConfigError(f"unknown TPM_FAAS_AUTH {settings.auth_backend!r} (local | globus)")
+        return cls(
+            settings=settings,
+            authenticator=Authenticator(
+                introspector, settings.client_id, mapped_identity=settings.mapped_identity
+            ),
+            policy=Policy.load(settings.policy_path),
+            ledger=Ledger(settings.ledger_url),
+            registry=Registry(settings.registry_dir),
+        )
+
+    def handle(self, mode_name: str, request_json: str, token: str | None) -> dict[str, Any]:
+        """Run one request through the pipeline; return the result or raise :class:`TPMError`."""
+        from tpm_faas.modes import MODES
+
+        mode = MODES[mode_name]
+        started = time.time()
+        request = parse(mode.request_model, request_json)
+        request_id = request.request_id or os.environ.get("GC_TASK_UUID") or str(uuid.uuid4())
+        try:
+            return self._admit_and_run(mode, request, request_id, started)
+        except TPMError as e:
+            e.request_id = request_id
+            raise
+
+    def _admit_and_run(self, mode: Any, request: Any, request_id: str, started: float) -> dict[str, Any]:
+        principal = self.authenticator.require(token, mode.name)
+        decision = self.policy.decide(principal.identity, principal.username, mode.name, request.model)
+        group = self.registry.lookup(request.model)
+        admission = mode.admit(request, group.model, decision.limits)
+        held = decision.price_micro(admission.worst)
+        self.ledger.hold(
+            request_id,
+            decision.project,
+            held,
+            ttl_s=self.policy.data.hold_ttl_s,
+            mode=mode.name,
+            identity=principal.identity,
+        )
+        try:
+            shard = ShardClient(group.address, timeout_s=self.settings.shard_timeout_s)
+            output = shard.call(admission.shard_op, admission.body, request_id=request_id)
+            used = mode.usage(request, admission, output)
+            out_bytes = len(json.dumps(output, separators=(",", ":")))
+            used = Usage(used.input_tokens, used.output_tokens, out_bytes, used.hooked_sites)
+            charged = self.ledger.post(request_id, decision.price_micro(used))
+        except BaseException:
+            self.ledger.void(request_id)
+            raise
+        return {
+            "ok": True,
+            "request_id": request_id,
+            "mode": mode.name,
+            "model": request.model,
+            "output": output,
+            "usage": {
+                **asdict(used),
+                "su": to_su(charged),
+                "su_held": to_su(held),
+                "project": decision.project,
+                "seconds": round(time.time() - started, 4),
+            },
+            "receipt": {
+                "request_id": request_id,
+                "model": request.model,
+                "checkpoint_sha256": group.model.checkpoint_sha256,
+                "request_sha256": request_hash(request),
+                "seed": getattr(request, "seed", None),
+                "dtype": group.model.dtype,
+                "tp_size": group.tp_size,
+                "policy_sha256": decision.policy_sha256,
+                "versions": {**gateway_versions(), **group.versions},
+                "issued_at": time.time(),
+            },
+        }
+
+
+def parse(model: type[Any], request_json: str) -> Any:
+    """Parse and validate a request; errors name the offending field."""
+    if not isinstance(request_json, str):
+        raise MalformedRequest(f"the request must be a JSON string, not {type(request_json).__name__}")
+    try:
+        raw = json.loads(request_json)
+    except ValueError as e:
+        raise MalformedRequest(f"the request is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise MalformedRequest("the request must be a JSON object")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        for err in e.errors():
+            inner = (err.get("ctx") or {}).get("error")
+            if isinstance(inner, TPMError):
+                raise type(inner)(f"{_loc(err['loc'])}: {inner.message}") from None
+        detail = "; ".join(f"{_loc(err['loc'])}: {err['msg']}" for err in e.errors())
+        raise RequestError(f"invalid {model.__name__}: {detail}") from None
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "request"
+
+
+def request_hash(request: Any) -> str:
+    """sha256 of the canonical JSON of a parsed request (without its request id)."""
+    canon = json.dumps(request.model_dump(exclude={"request_id"}), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def gateway_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("tpm-faas", "globus-compute-endpoint", "globus-sdk", "pydantic"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+@lru_cache(maxsize=4)
+def _gateway_for(env_key: tuple[tuple[str, str], ...]) -> Gateway:
+    return Gateway.from_settings(Settings.from_env(dict(env_key)))
+
+
+def handle(mode_name: str, request_json: str, token: str | None) -> str:
+    """Run one request and return JSON; never raises (errors become error records)."""
+    try:
+        env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("TPM_FAAS_") or k == "HOME"))
+        reply = _gateway_for(env).handle(mode_name, request_json, token)
+    except TPMError as e:
+        log.info("request refused: %s", e)
+        reply = {"ok": False, "error": e.to_record()}
+    except Exception as e:  # an unexpected failure: report it without a traceback
+        log.exception("request failed")
+        reply = {"ok": False, "error": TPMError(f"internal error: {type(e).__name__}: {e}").to_record()}
+    return json.dumps(reply, separators=(",", ":"))

@@ -1,0 +1,60 @@
+"""Customized embeddings: user inputs (``inputs_embeds`` or an input adapter's raw input)
+through the frozen core, out through a registered head or as pooled hidden states."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tpm_faas.errors import RequestError, TensorError
+from tpm_faas.gateway.policy import Limits, Usage, check_limit
+from tpm_faas.modes.base import Admission, Mode, check_context, check_output_bytes
+from tpm_faas.registry import ModelInfo
+from tpm_faas.schemas import EmbedRequest
+
+
+class EmbedMode(Mode):
+    name = "embed"
+    request_model = EmbedRequest
+    shard_op = "embed"
+
+    def admit(self, request: EmbedRequest, model: ModelInfo, limits: Limits) -> Admission:
+        if request.inputs_embeds is not None:
+            t = request.inputs_embeds
+            where = "inputs_embeds"
+            width = model.hidden_size
+        else:
+            assert request.adapter is not None and request.adapter_input is not None
+            spec = model.adapters.get(request.adapter)
+            if spec is None:
+                known = ", ".join(sorted(model.adapters)) or "none"
+                raise RequestError(f"unknown adapter {request.adapter!r} (registered: {known})")
+            t = request.adapter_input
+            where = "adapter_input"
+            width = int(spec["in_features"])
+        shape = list(t.shape)
+        if len(shape) == 2:
+            shape = [1, *shape]
+        if len(shape) != 3:
+            raise TensorError(f"{where} must have shape [batch, tokens, {width}] or [tokens, {width}]")
+        batch, tokens, feat = shape
+        if feat != width:
+            raise TensorError(f"{where} has last dimension {feat}; model {model.name} needs {width}")
+        check_limit(f"{where} size (bytes)", t.nbytes, limits.max_input_bytes)
+        check_limit("the batch of inputs", batch, limits.max_prompts)
+        check_limit("tokens per input", tokens, limits.max_prompt_tokens)
+        check_context(model, tokens, 0)
+        if request.head is None:
+            out_width = model.hidden_size
+        else:
+            head = model.heads.get(request.head)
+            if head is None:
+                known = ", ".join(sorted(model.heads)) or "none"
+                raise RequestError(f"unknown head {request.head!r} (registered: {known})")
+            out_width = int(head["out_features"])
+        out_bytes = batch * out_width * 4
+        check_output_bytes(out_bytes, limits)
+        worst = Usage(input_tokens=batch * tokens, bytes_returned=out_bytes)
+        return Admission(worst, self.shard_op, request.model_dump(exclude={"request_id"}))
+
+    def usage(self, request: EmbedRequest, admission: Admission, result: dict[str, Any]) -> Usage:
+        return Usage(input_tokens=int(result["input_tokens"]))
