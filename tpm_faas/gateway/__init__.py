@@ -74,12 +74,14 @@ class Gateway:
         request = parse(mode.request_model, request_json)
         request_id = request.request_id or os.environ.get("GC_TASK_UUID") or str(uuid.uuid4())
         try:
-            return self._admit_and_run(mode, request, request_id, started)
+            return self._admit_and_run(mode, request, request_id, token, started)
         except TPMError as e:
             e.request_id = request_id
             raise
 
-    def _admit_and_run(self, mode: Any, request: Any, request_id: str, started: float) -> dict[str, Any]:
+    def _admit_and_run(
+        self, mode: Any, request: Any, request_id: str, token: str | None, started: float
+    ) -> dict[str, Any]:
         principal = self.authenticator.require(token, mode.name)
         decision = self.policy.decide(principal.identity, principal.username, mode.name, request.model)
         group = self.registry.lookup(request.model)

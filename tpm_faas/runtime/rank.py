@@ -47,6 +47,9 @@ def serve_rank(
             "MASTER_PORT": str(master_port),
         }
     )
+    from tpm_faas.runtime.prebuild import use_prebuilt_ops
+
+    use_prebuilt_ops()
     import torch
 
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // tp_size))

@@ -271,7 +271,8 @@ class ModelRunner:
         }
         table = []
         for layer, pos in sorted(lens.items()):
-            probs = torch.softmax(self.lm_head(self.norm(captured[layer][pos].to(self.dtype))).float(), -1)
+            h = captured[layer][pos].to(self.dtype).unsqueeze(0)  # AutoTP's lm_head wants 3-D
+            probs = torch.softmax(self.lm_head(self.norm(h))[0].float(), -1)
             top = torch.topk(probs, lens_k, dim=-1)
             for j, p in enumerate(pos):
                 table.append(

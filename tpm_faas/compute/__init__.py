@@ -1,0 +1,1 @@
+"""Globus Compute integration: the only subpackage that imports globus_compute_*."""

@@ -1,0 +1,591 @@
+"""An embedded Globus Compute endpoint that runs on loopback, with no cloud in the loop.
+
+:class:`LocalEndpoint` drives the *real* execution engine of a Globus Compute endpoint,
+:class:`globus_compute_endpoint.engines.GlobusComputeEngine` (Parsl's HighThroughputExecutor
+with a :class:`~parsl.providers.LocalProvider`), and feeds it tasks packed byte for byte as the
+Globus Compute SDK and web service pack them:
+
+* registration (``Client.register_function``) ships
+  ``function_code = ComputeSerializer.pack_buffers([serialize(function)])``; here the code
+  strategy is always :class:`~globus_compute_sdk.serialize.PureSourceTextInspect` (source
+  text, never a pickle) -- see :func:`pack_function`;
+* submission (``Batch.add``) ships ``payload = pack_buffers([serialize(args),
+  serialize(kwargs)])`` with the data strategy :class:`~globus_compute_sdk.serialize.JSONData`,
+  and the web service forwards ``messagepack.pack(Task(task_id, function_code + payload))``
+  to the endpoint -- see :func:`pack_task`;
+* the engine answers with a messagepack-packed ``Result``, whose data is serialized with the
+  result serializer (JSON again) -- see :func:`unpack_result`.
+
+The engine is configured with ``allowed_serializers=[PureSourceTextInspect, JSONData]``, so a
+task carrying a pickled (dill) function or pickled arguments is refused by the worker, exactly
+as a production endpoint with that allowlist refuses it.
+
+Because :func:`pack_function` ships source text only, a registered function must be a plain
+module-level ``def`` whose body imports everything it needs: the worker ``exec``\\ s only the
+function's source in an empty namespace: no module globals, so no decorators and no default
+values that name anything but builtins.  (Annotations are harmless: the SDK compiles the source
+with postponed evaluation of annotations.)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+from globus_compute_common import messagepack
+from globus_compute_common.messagepack.message_types import Result, Task
+from globus_compute_endpoint.engines import GlobusComputeEngine
+from globus_compute_endpoint.engines.base import GCFuture
+from globus_compute_sdk.serialize import ComputeSerializer, JSONData, PureSourceTextInspect
+from parsl.providers import LocalProvider
+
+__all__ = [
+    "ALLOWED_SERIALIZERS",
+    "CODE_SERIALIZER",
+    "DATA_SERIALIZER",
+    "RESULT_SERIALIZERS",
+    "LocalEndpoint",
+    "RemoteTaskError",
+    "pack_function",
+    "pack_task",
+    "unpack_result",
+]
+
+log = logging.getLogger(__name__)
+
+#: Import path of the only code strategy used and accepted: the function's source text.
+CODE_SERIALIZER: Final[str] = "globus_compute_sdk.serialize.PureSourceTextInspect"
+#: Import path of the only data strategy used and accepted: JSON.
+DATA_SERIALIZER: Final[str] = "globus_compute_sdk.serialize.JSONData"
+#: The engine's deserializer allowlist (one code and one data strategy, as the SDK requires).
+ALLOWED_SERIALIZERS: Final[tuple[str, str]] = (CODE_SERIALIZER, DATA_SERIALIZER)
+#: Strategies the worker may use to serialize a function's return value.
+RESULT_SERIALIZERS: Final[tuple[str, ...]] = (DATA_SERIALIZER,)
+
+# Client side: serializes with source text + JSON and refuses to deserialize anything else.
+_SERDE: Final = ComputeSerializer(
+    strategy_code=PureSourceTextInspect,
+    strategy_data=JSONData,
+    allowed_deserializer_types=ALLOWED_SERIALIZERS,
+)
+
+_SHUTDOWN_GRACE_S: Final = 10.0
+
+
+class RemoteTaskError(RuntimeError):
+    """A task failed on the endpoint: the function raised, or the worker refused the task.
+
+    :param message: one-line summary, normally the remote exception's last line
+        (``"ValueError: ..."``)
+    :param code: ``error_details.code`` of the ``Result`` (e.g. ``"RemoteExecutionError"``)
+    :param user_message: ``error_details.user_message`` of the ``Result``
+    :param remote_traceback: the formatted remote traceback (``Result.data``)
+    :param task_id: the Globus Compute task id
+    """
+
+    def __init__(
+        self,
+        message: str,
+        code: str,
+        *,
+        user_message: str | None = None,
+        remote_traceback: str | None = None,
+        task_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.user_message = user_message if user_message is not None else message
+        self.remote_traceback = remote_traceback
+        self.task_id = task_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_remote_task_error,
+            (self.message, self.code, self.user_message, self.remote_traceback, self.task_id),
+        )
+
+
+def _rebuild_remote_task_error(
+    message: str,
+    code: str,
+    user_message: str | None,
+    remote_traceback: str | None,
+    task_id: str | None,
+) -> RemoteTaskError:
+    return RemoteTaskError(
+        message,
+        code,
+        user_message=user_message,
+        remote_traceback=remote_traceback,
+        task_id=task_id,
+    )
+
+
+def _summarize_traceback(text: str) -> str:
+    """The exception part of a formatted traceback, on one line.
+
+    Skips the frames (``  File ...`` lines and the indented source and caret lines under the
+    last of them); what remains is ``ExcType: message``.  Text without frames (the endpoint
+    sends ``repr(exc)`` for its internal errors) is returned whole.
+    """
+    lines = text.strip().splitlines()
+    last_frame = max((i for i, ln in enumerate(lines) if ln.startswith("  File ")), default=-1)
+    start = last_frame + 1
+    if last_frame >= 0:
+        while start < len(lines) and lines[start].startswith("    "):
+            start += 1
+    return " ".join(" ".join(lines[start:]).split())
+
+
+def pack_function(fn: Callable[..., Any]) -> str:
+    """Serialize a function as ``Client.register_function`` does, with source text only.
+
+    The result is the ``function_code`` the SDK sends to the web service:
+    ``ComputeSerializer.pack_buffers([PureSourceTextInspect().serialize(fn)])``.  The source
+    is ``exec``\\ d once here, in an empty namespace, as the worker will ``exec`` it, so that a
+    function that cannot be shipped this way fails at registration, not at its first task.
+
+    :param fn: a module-level function defined with ``def``; its body must import what it uses
+    :returns: the packed function code
+    :raises TypeError: if ``fn`` is not a plain function
+    :raises ValueError: if ``fn`` is a lambda, nested function or method, or its source does
+        not define it when run on its own (decorators, defaults naming module globals)
+    """
+    name = getattr(fn, "__name__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not callable(fn) or not isinstance(name, str) or isinstance(fn, type):
+        raise TypeError(f"expected a function, got {type(fn).__name__}")
+    if name == "<lambda>" or qualname != name:
+        raise ValueError(
+            f"{qualname or name!r} must be a module-level function defined with def "
+            "(its source text is shipped and exec'd on its own)"
+        )
+    serialized = _SERDE.serialize(fn)
+    try:
+        rebuilt = _SERDE.deserialize(serialized)
+    except Exception as exc:
+        raise ValueError(
+            f"the source of {name!r} does not define it when exec'd on its own "
+            f"({type(exc).__name__}: {exc}); remove decorators and keep default values to "
+            "literals and builtins"
+        ) from exc
+    if not callable(rebuilt):
+        raise ValueError(f"the source of {name!r} does not define a callable")
+    return ComputeSerializer.pack_buffers([serialized])
+
+
+def pack_task(
+    function_code: str,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    task_id: uuid.UUID | str,
+) -> bytes:
+    """Pack one task as the SDK (``Batch.add``) and the web service pack it for an endpoint.
+
+    :param function_code: the packed function, as returned by :func:`pack_function`
+    :param args: positional arguments; must be JSON-serializable
+    :param kwargs: keyword arguments with ``str`` keys; must be JSON-serializable
+    :param task_id: the task id the result will carry
+    :returns: ``messagepack.pack(Task(task_id=..., task_buffer=function_code + payload))``
+    :raises TypeError: if ``args`` is not a list or tuple, or ``kwargs`` has non-str keys
+    :raises globus_compute_sdk.errors.SerializationError: if an argument is not
+        JSON-serializable (refused here, client side, before anything is sent)
+    """
+    if not isinstance(args, list | tuple):
+        raise TypeError(f"args: expected tuple, got {type(args).__name__}")
+    kwargs = dict(kwargs)
+    bad_keys = [k for k in kwargs if not isinstance(k, str)]
+    if bad_keys:
+        raise TypeError(f"kwargs: expected str keys, got {type(bad_keys[0]).__name__}")
+    payload = _SERDE.pack_buffers([_SERDE.serialize(tuple(args)), _SERDE.serialize(kwargs)])
+    tid = task_id if isinstance(task_id, uuid.UUID) else uuid.UUID(str(task_id))
+    packed: bytes = messagepack.pack(Task(task_id=tid, task_buffer=function_code + payload))
+    return packed
+
+
+def unpack_result(packed_result: bytes) -> Any:
+    """Unpack a messagepack ``Result`` from the engine into the function's return value.
+
+    :param packed_result: the bytes an engine future resolves to
+    :returns: the deserialized return value (JSON only)
+    :raises RemoteTaskError: if the result reports an error (the function raised, or the
+        worker refused the task), or the message is not a ``Result``
+    """
+    msg = messagepack.unpack(packed_result)
+    if not isinstance(msg, Result):
+        raise RemoteTaskError(
+            f"expected a Result message, got {type(msg).__name__}", "UnexpectedMessage"
+        )
+    if msg.is_error:
+        details = msg.error_details
+        code = details.code if details is not None else "RemoteExecutionError"
+        user_message = details.user_message if details is not None else None
+        summary = _summarize_traceback(msg.data) or user_message or "remote task failed"
+        raise RemoteTaskError(
+            summary,
+            code,
+            user_message=user_message,
+            remote_traceback=msg.data,
+            task_id=str(msg.task_id),
+        )
+    return _SERDE.deserialize(msg.data)
+
+
+def _process_table() -> list[tuple[int, int, str]] | None:
+    """``(pid, pgid, state)`` of every process, from ``/proc``; ``None`` where unavailable."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    table: list[tuple[int, int, str]] = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) >= 3:
+            table.append((int(entry.name), int(fields[2]), fields[0]))
+    return table
+
+
+def _live_groups(pgids: Iterable[int]) -> set[int]:
+    """The process groups among ``pgids`` that still have a live (non-zombie) member."""
+    wanted = set(pgids)
+    table = _process_table()
+    if table is not None:
+        return {pgid for _pid, pgid, state in table if pgid in wanted and state not in "ZX"}
+    live: set[int] = set()
+    for pgid in wanted:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            pass
+        live.add(pgid)
+    return live
+
+
+class LocalEndpoint:
+    """An embedded Globus Compute endpoint: the real engine, fed tasks packed as the SDK packs them.
+
+    One :class:`~parsl.providers.LocalProvider` block of ``max_workers`` worker processes,
+    launched through the ``globus-compute-endpoint`` executable of the running interpreter's
+    environment; every socket is bound to and connects over ``127.0.0.1``.
+
+    **Environment.** Workers inherit the environment of this process (the provider launches
+    them with plain ``subprocess``, possibly some time after :meth:`start` returns), so
+    :meth:`start` writes ``env`` -- and ``PATH`` with ``Path(sys.executable).parent``
+    prepended -- into :data:`os.environ`, and :meth:`shutdown` restores the previous values.
+    While started, the whole process therefore sees these variables; run one endpoint with a
+    given ``env`` at a time per process.
+
+    :param run_dir: directory for engine logs, submit scripts and the tasks' working directory
+        (``<run_dir>/tasks_working_dir``); created if missing
+    :param max_workers: worker processes in the block (``max_workers_per_node``)
+    :param env: extra environment variables the workers must see
+    :param encrypted: CurveZMQ between engine, interchange and workers
+    :param strategy_period: seconds between Parsl scaling ticks; the block is launched at the
+        first tick, so this bounds the delay before the first task can run
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        max_workers: int = 2,
+        env: Mapping[str, str] | None = None,
+        encrypted: bool = True,
+        strategy_period: float = 0.5,
+    ) -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        if strategy_period <= 0:
+            raise ValueError(f"strategy_period must be positive, got {strategy_period}")
+        self.run_dir = Path(run_dir).resolve()
+        self.max_workers = max_workers
+        self.encrypted = encrypted
+        self.strategy_period = strategy_period
+        self.endpoint_id = uuid.uuid4()
+        self._env = {str(k): str(v) for k, v in (env or {}).items()}
+        self._saved_env: dict[str, str | None] = {}
+        self._functions: dict[str, str] = {}
+        self._engine: GlobusComputeEngine | None = None
+        self._pending: set[concurrent.futures.Future[bytes]] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """Whether the engine is running."""
+        return self._engine is not None
+
+    def start(self) -> None:
+        """Set the workers' environment, then start the engine (interchange and scaling).
+
+        Returns once the interchange is up; the worker block is launched at the first scaling
+        tick, so the first task waits for it (see :meth:`wait_ready`).
+
+        :raises RuntimeError: if already started or shut down
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("LocalEndpoint was shut down; create a new one")
+            if self._engine is not None:
+                raise RuntimeError("LocalEndpoint already started")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._apply_env()
+            engine = GlobusComputeEngine(
+                label="LocalEndpoint",
+                provider=LocalProvider(  # type: ignore[no-untyped-call]
+                    init_blocks=1, min_blocks=1, max_blocks=1
+                ),
+                max_workers_per_node=self.max_workers,
+                address="127.0.0.1",
+                loopback_address="127.0.0.1",
+                encrypted=self.encrypted,
+                allowed_serializers=list(ALLOWED_SERIALIZERS),
+                job_status_kwargs={"strategy_period": self.strategy_period},
+            )
+            try:
+                engine.start(endpoint_id=self.endpoint_id, run_dir=str(self.run_dir))
+            except BaseException:
+                try:
+                    engine.shutdown()
+                except Exception:
+                    log.exception("engine shutdown after a failed start also failed")
+                self._restore_env()
+                raise
+            self._engine = engine
+            log.info(
+                "LocalEndpoint %s started in %s (%d workers, encrypted=%s)",
+                self.endpoint_id,
+                self.run_dir,
+                self.max_workers,
+                self.encrypted,
+            )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the worker block has connected to the interchange.
+
+        :param timeout: seconds to wait
+        :raises TimeoutError: if no worker connected in time
+        :raises RuntimeError: if not started, or the engine reports a failure
+        """
+        engine = self._require_engine()
+        deadline = time.monotonic() + timeout
+        while True:
+            if engine.executor_exception is not None:
+                raise RuntimeError(f"engine failed: {engine.executor_exception!r}")
+            managers = engine.get_connected_managers()
+            if sum(int(m.get("worker_count", 0)) for m in managers) > 0:
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no worker connected within {timeout} s")
+            time.sleep(0.05)
+
+    def shutdown(self) -> None:
+        """Stop the engine and its worker block, and restore the environment.
+
+        Waits for the block's processes to exit (killing them after a grace period), and
+        fails any task still pending with :class:`RuntimeError`.  Idempotent.
+        """
+        with self._lock:
+            self._closed = True
+            engine, self._engine = self._engine, None
+            if engine is None:
+                self._restore_env()
+                return
+            pgids = self._block_pgids(engine)
+            try:
+                engine.shutdown()
+            finally:
+                self._reap(pgids)
+                pending, self._pending = self._pending, set()
+                for fut in pending:
+                    if not fut.done():
+                        fut.set_exception(
+                            RuntimeError("LocalEndpoint shut down before the task finished")
+                        )
+                self._restore_env()
+            log.info("LocalEndpoint %s shut down", self.endpoint_id)
+
+    def __enter__(self) -> LocalEndpoint:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+    # -- functions and tasks ---------------------------------------------------------------
+
+    def register_function(self, fn: Callable[..., Any]) -> str:
+        """Register a function, keeping its ``function_code`` as the SDK would send it.
+
+        :param fn: a module-level function (see :func:`pack_function`)
+        :returns: a new function id (a uuid4 string)
+        """
+        return self.register_function_code(pack_function(fn))
+
+    def register_function_code(self, function_code: str) -> str:
+        """Register already-packed function code (what the web service receives).
+
+        :param function_code: output of :func:`pack_function` or of the SDK
+        :returns: a new function id (a uuid4 string)
+        """
+        function_id = str(uuid.uuid4())
+        self._functions[function_id] = function_code
+        return function_id
+
+    def function_code(self, function_id: str) -> str:
+        """The packed code registered under ``function_id``.
+
+        :raises KeyError: if the id is unknown
+        """
+        try:
+            return self._functions[function_id]
+        except KeyError:
+            raise KeyError(f"unknown function id {function_id!r}") from None
+
+    def submit(self, function_id: str, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """Run a registered function on the endpoint.
+
+        Arguments are packed client side, so a non-JSON-serializable argument raises here and
+        nothing is sent.
+
+        :param function_id: an id from :meth:`register_function`
+        :returns: a future of the function's return value; if the function raised (or the
+            worker refused the task) its exception is a :class:`RemoteTaskError`
+        :raises KeyError: if the function id is unknown
+        :raises globus_compute_sdk.errors.SerializationError: if an argument is not
+            JSON-serializable
+        :raises RuntimeError: if the endpoint is not started
+        """
+        code = self.function_code(function_id)
+        task_id = uuid.uuid4()
+        packed = pack_task(code, args, kwargs, task_id)
+        raw = self.submit_packed(packed, task_id=task_id, function_id=function_id)
+
+        out: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        out.set_running_or_notify_cancel()  # the engine cannot cancel a submitted task
+
+        def _relay(done: concurrent.futures.Future[bytes]) -> None:
+            try:
+                out.set_result(unpack_result(done.result()))
+            except BaseException as exc:
+                out.set_exception(exc)
+
+        raw.add_done_callback(_relay)
+        return out
+
+    def submit_packed(
+        self,
+        packed_task: bytes,
+        *,
+        task_id: uuid.UUID | str,
+        function_id: str | None = None,
+    ) -> concurrent.futures.Future[bytes]:
+        """Hand an already-packed task to the engine, as the endpoint does with a queued task.
+
+        :param packed_task: ``messagepack.pack(Task(...))``, e.g. from :func:`pack_task`
+        :param task_id: the task's id (must match the one inside ``packed_task``)
+        :param function_id: the function id, for the engine's bookkeeping
+        :returns: a future of the messagepack-packed ``Result`` bytes (see
+            :func:`unpack_result`); errors come back inside the ``Result``
+        :raises RuntimeError: if the endpoint is not started
+        """
+        with self._lock:
+            engine = self._require_engine()
+            fut: concurrent.futures.Future[bytes] = GCFuture(task_id, function_id=function_id)
+            self._pending.add(fut)
+            fut.add_done_callback(self._pending.discard)
+            engine.submit(
+                fut,
+                packed_task,
+                resource_specification={},
+                result_serializers=list(RESULT_SERIALIZERS),
+            )
+        return fut
+
+    def run(self, function_id: str, *args: Any, timeout: float = 120, **kwargs: Any) -> Any:
+        """Submit and wait: :meth:`submit` then ``result(timeout)``.
+
+        :raises RemoteTaskError: if the remote function raised
+        :raises TimeoutError: if no result within ``timeout`` seconds
+        """
+        return self.submit(function_id, *args, **kwargs).result(timeout=timeout)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _require_engine(self) -> GlobusComputeEngine:
+        if self._engine is None:
+            raise RuntimeError("LocalEndpoint is not started")
+        return self._engine
+
+    def _apply_env(self) -> None:
+        bin_dir = str(Path(sys.executable).parent)
+        path = os.environ.get("PATH", "")
+        wanted = dict(self._env)
+        if path.split(os.pathsep)[0] != bin_dir:
+            wanted["PATH"] = bin_dir + (os.pathsep + path if path else "")
+        for key, value in wanted.items():
+            self._saved_env.setdefault(key, os.environ.get(key))
+            os.environ[key] = value
+
+    def _restore_env(self) -> None:
+        saved, self._saved_env = self._saved_env, {}
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    @staticmethod
+    def _block_pgids(engine: GlobusComputeEngine) -> set[int]:
+        pgids: set[int] = set()
+        provider = engine.executor.provider
+        for job in getattr(provider, "resources", {}).values():
+            pid = job.get("remote_pid")
+            if pid is None:
+                continue
+            try:
+                pgids.add(os.getpgid(int(pid)))
+            except ProcessLookupError:
+                continue
+        return pgids
+
+    @staticmethod
+    def _reap(pgids: set[int]) -> None:
+        """Wait for the block process groups to exit; SIGKILL what outlives the grace period."""
+        deadline = time.monotonic() + _SHUTDOWN_GRACE_S
+        live = _live_groups(pgids)
+        while live and time.monotonic() < deadline:
+            time.sleep(0.1)
+            live = _live_groups(live)
+        for pgid in live:
+            log.warning("worker process group %d outlived shutdown; killing it", pgid)
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
