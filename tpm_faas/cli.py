@@ -49,15 +49,19 @@ def demo(tp_size: int, as_json: bool, home: Path | None) -> None:
             emit=click.echo,
             progress=lambda m: click.echo(f"  .. {m}", err=True),
         )
-        click.echo(f"\ndone in {summary['total_s']} s (start-up {summary['startup_s']} s); "
-                   f"open holds: {summary['ledger']['open_holds']}")
+        click.echo(
+            f"\ndone in {summary['total_s']} s (start-up {summary['startup_s']} s); "
+            f"open holds: {summary['ledger']['open_holds']}"
+        )
     sys.exit(0 if summary["ok"] else 1)
 
 
 @main.command()
 @click.argument("model", default="demo-tpm@1")
 @click.option("--tp", "tp_size", default=1, show_default=True, help="Tensor-parallel ranks.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True
+)
 def launch(model: str, tp_size: int, dtype: str) -> None:
     """Start a shard group for MODEL and keep it serving until interrupted."""
     import signal

@@ -54,7 +54,11 @@ class Result:
 
     def tensor(self, key: str = "output") -> np.ndarray:
         """A tensor of the output as a numpy array (``output`` for embed, a site for saves)."""
-        if key in self.output and isinstance(self.output[key], dict) and "dtype" in self.output[key]:
+        if (
+            key in self.output
+            and isinstance(self.output[key], dict)
+            and "dtype" in self.output[key]
+        ):
             return decode_array(self.output[key])
         return decode_array(self.output["saved"][key]["tensor"])
 
@@ -69,7 +73,11 @@ def encode_array(a: Any, dtype: str = "float32") -> dict[str, Any]:
     import numpy as np
 
     arr = np.ascontiguousarray(np.asarray(a, dtype=dtype))
-    return {"dtype": dtype, "shape": list(arr.shape), "data": base64.b64encode(arr.tobytes()).decode()}
+    return {
+        "dtype": dtype,
+        "shape": list(arr.shape),
+        "data": base64.b64encode(arr.tobytes()).decode(),
+    }
 
 
 def decode_array(payload: dict[str, Any]) -> np.ndarray:
@@ -163,9 +171,7 @@ class TPMClient:
 
         Tensor values in ``ops`` (e.g. an ``add`` op's ``vector``) may be numpy arrays.
         """
-        enc = [
-            {k: encode_array(v) if _is_array(v) else v for k, v in op.items()} for op in ops
-        ]
+        enc = [{k: encode_array(v) if _is_array(v) else v for k, v in op.items()} for op in ops]
         return self.call(
             "intervene",
             {"prompt": prompt, "ops": enc, "max_new_tokens": max_new_tokens, "seed": seed},

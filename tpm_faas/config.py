@@ -3,21 +3,16 @@
 Precedence: an explicit argument to :meth:`Settings.from_env` > a ``TPM_FAAS_*`` environment
 variable > the default below. Nothing here is read at import time.
 
-==========================  ==============================================  ==========================
-variable                    meaning                                         default
-==========================  ==============================================  ==========================
-``TPM_FAAS_HOME``           state directory (registry, ledger, results)     ``~/.tpm_faas``
-``TPM_FAAS_POLICY``         site policy YAML                                ``policies/local-dev.yaml``
-                                                                            of the source tree
-``TPM_FAAS_AUTH``           ``local`` (dev tokens file) or ``globus``       ``local``
-``TPM_FAAS_DEV_TOKENS``     dev tokens file for ``local`` auth              ``$TPM_FAAS_HOME/dev-tokens.yaml``
-``TPM_FAAS_CLIENT_ID``      the TPM resource server's Globus Auth client    ``local-dev``
-``TPM_FAAS_CLIENT_SECRET``  its secret (``globus`` auth only)               unset
-``TPM_FAAS_MAPPED_IDENTITY``the identity the endpoint mapped this worker to unset (no check)
-``TPM_FAAS_LEDGER``         SQLAlchemy URL of the SU ledger                 ``sqlite:///$HOME/ledger.sqlite``
-``TPM_FAAS_MODELS``         ``:``-separated model roots                     the bundled models
-``TPM_FAAS_SHARD_TIMEOUT``  seconds to wait for a shard group's answer      ``300``
-==========================  ==============================================  ==========================
+- ``TPM_FAAS_HOME``: state directory (registry, ledger, results); ``~/.tpm_faas``
+- ``TPM_FAAS_POLICY``: the site policy YAML; ``policies/local-dev.yaml`` of the source tree
+- ``TPM_FAAS_AUTH``: ``local`` (dev tokens file) or ``globus``; ``local``
+- ``TPM_FAAS_DEV_TOKENS``: dev tokens file for ``local`` auth; ``$TPM_FAAS_HOME/dev-tokens.yaml``
+- ``TPM_FAAS_CLIENT_ID``: the TPM resource server's Globus Auth client id; ``local-dev``
+- ``TPM_FAAS_CLIENT_SECRET``: its secret (``globus`` auth only)
+- ``TPM_FAAS_MAPPED_IDENTITY``: the identity the endpoint mapped this worker to; unset (no check)
+- ``TPM_FAAS_LEDGER``: SQLAlchemy URL of the SU ledger; ``sqlite:///$TPM_FAAS_HOME/ledger.sqlite``
+- ``TPM_FAAS_MODELS``: ``:``-separated model roots; the models bundled with the package
+- ``TPM_FAAS_SHARD_TIMEOUT``: seconds to wait for a shard group's answer; ``300``
 """
 
 from __future__ import annotations

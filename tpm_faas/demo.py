@@ -47,7 +47,10 @@ def run_demo(
             emit(f"  prompt : {PROMPT!r}")
             emit(f"  output : {q.text!r}")
             lp = q.output["completions"][0]["logprobs"][:6]
-            emit("  logprobs of the first tokens: " + ", ".join(f"{e['token']}:{e['logprob']:.2f}" for e in lp))
+            emit(
+                "  logprobs of the first tokens: "
+                + ", ".join(f"{e['token']}:{e['logprob']:.2f}" for e in lp)
+            )
             emit(_usage_line(q))
 
             # -- embed ----------------------------------------------------------------
@@ -58,7 +61,10 @@ def run_demo(
             out = e.tensor()
             emit(_heading("embed: adapter 'features-linear' -> frozen core -> head 'regression'"))
             emit(f"  input  : feature vectors {list(feats.shape)} (batch, tokens, features)")
-            emit(f"  output : head 'regression' {list(out.shape)} = {np.round(out[:, 0], 4).tolist()}")
+            emit(
+                f"  output : head 'regression' {list(out.shape)} = "
+                f"{np.round(out[:, 0], 4).tolist()}"
+            )
             emit(_usage_line(e))
 
             # -- intervene: logit lens and a saved residual, then steering -------------
@@ -75,7 +81,9 @@ def run_demo(
                 tops = "  ".join(f"{t['token']!s:>3} {t['prob']:.2f}" for t in row["top"])
                 emit(f"  layer {row['layer']}  {tops}")
             for site_name, arr in i1.saved.items():
-                emit(f"  saved {site_name}: {list(arr.shape)}, norm {float(np.linalg.norm(arr)):.2f}")
+                emit(
+                    f"  saved {site_name}: {list(arr.shape)}, norm {float(np.linalg.norm(arr)):.2f}"
+                )
             emit(_usage_line(i1))
 
             src = client.intervene(STEER_FROM, [{"op": "save", "layers": [1], "positions": None}])
@@ -86,7 +94,9 @@ def run_demo(
                 max_new_tokens=48,
             )
             _record(summary, i2, key="intervene_steer")
-            emit(_heading("intervene: steering (add 3 x mean resid_post of another text at layer 1)"))
+            emit(
+                _heading("intervene: steering (add 3 x mean resid_post of another text at layer 1)")
+            )
             emit(f"  steered from : {STEER_FROM!r}")
             emit(f"  unsteered    : {q.text!r}")
             emit(f"  steered      : {i2.text!r}")
@@ -102,7 +112,10 @@ def run_demo(
             emit(_heading(f"SU ledger of project {project!r}"))
             emit(f"  {'request':<38} {'mode':<10} {'held SU':>10} {'charged SU':>11}")
             for c in charges:
-                emit(f"  {c['request_id']:<38} {c['mode']:<10} {to_su(c['amount']):>10.6f} {to_su(c['charged']):>11.6f}")
+                emit(
+                    f"  {c['request_id']:<38} {c['mode']:<10} "
+                    f"{to_su(c['amount']):>10.6f} {to_su(c['charged']):>11.6f}"
+                )
             emit(
                 f"  credited {to_su(bal.credited):.6f}  charged {to_su(bal.charged):.6f}  "
                 f"held {to_su(bal.held):.6f}  available {to_su(bal.available):.6f}"
@@ -118,7 +131,9 @@ def run_demo(
     finally:
         if tmp is not None:
             tmp.cleanup()
-    summary["ok"] = all(m["ok"] for m in summary["modes"].values()) and summary["ledger"]["open_holds"] == 0
+    summary["ok"] = (
+        all(m["ok"] for m in summary["modes"].values()) and summary["ledger"]["open_holds"] == 0
+    )
     summary["total_s"] = round(time.monotonic() - t0, 2)
     return summary
 

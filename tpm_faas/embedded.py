@@ -23,6 +23,7 @@ from tpm_faas.client import TPMClient
 from tpm_faas.config import SOURCE_POLICIES, Settings
 from tpm_faas.gateway.ledger import Ledger
 
+
 @dataclass(frozen=True)
 class DevUser:
     identity: str
@@ -34,7 +35,8 @@ class DevUser:
 #: Dev users of ``policies/local-dev.yaml`` and the SU their projects start with.
 DEV_USERS: dict[str, DevUser] = {
     "dev": DevUser("dev@localhost", ("query", "embed", "intervene"), "demo", 100.0),
-    "reader": DevUser("reader@localhost", ("query", "intervene"), "readers", 10.0),
+    # The reader's token carries every scope; the site policy is what keeps it from embed.
+    "reader": DevUser("reader@localhost", ("query", "embed", "intervene"), "readers", 10.0),
     "broke": DevUser("broke@localhost", ("query", "embed", "intervene"), "broke", 0.000001),
 }
 
@@ -49,7 +51,12 @@ def write_dev_tokens(path: Path, client_id: str = "local-dev") -> dict[str, str]
     def add(name: str, identity: str, scopes: list[str], expires: datetime) -> None:
         tokens[name] = f"tpmdev-{name}-{secrets.token_urlsafe(24)}"
         entries.append(
-            {"token": tokens[name], "identity": identity, "scopes": scopes, "expires_at": expires.isoformat()}
+            {
+                "token": tokens[name],
+                "identity": identity,
+                "scopes": scopes,
+                "expires_at": expires.isoformat(),
+            }
         )
 
     for name, user in DEV_USERS.items():
@@ -141,7 +148,9 @@ class EmbeddedSite:
 
     def client(self, user: str = "dev", **kwargs: Any) -> TPMClient:
         """A client acting as dev user ``user`` (see :data:`DEV_USERS`)."""
-        return TPMClient(self.transport, token=self.tokens.get(user, user), model=self.model, **kwargs)
+        return TPMClient(
+            self.transport, token=self.tokens.get(user, user), model=self.model, **kwargs
+        )
 
     def ledger(self) -> Ledger:
         return Ledger(self.settings.ledger_url)
@@ -160,4 +169,3 @@ class EmbeddedSite:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-

@@ -23,7 +23,10 @@ def embed(request_json: str, token: str | None = None) -> str:
 
 
 def intervene(request_json: str, token: str | None = None) -> str:
-    """Read and write hidden states at hook sites. See :class:`tpm_faas.schemas.InterveneRequest`."""
+    """Read and write hidden states at hook sites.
+
+    See :class:`tpm_faas.schemas.InterveneRequest`.
+    """
     from tpm_faas.gateway import handle
 
     return handle("intervene", request_json, token)

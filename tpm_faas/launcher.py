@@ -98,8 +98,15 @@ class ShardGroup:
         app = python_app(serve_rank, data_flow_kernel=self._dfk, executors=[executor.label])
         port = _free_port()
         self._futures = [
-            app(rank, self.tp_size, port, self.model, str(model_dir),
-                str(self.settings.registry_dir), self.dtype)
+            app(
+                rank,
+                self.tp_size,
+                port,
+                self.model,
+                str(model_dir),
+                str(self.settings.registry_dir),
+                self.dtype,
+            )
             for rank in range(self.tp_size)
         ]
         deadline = time.monotonic() + timeout_s
@@ -145,7 +152,9 @@ class ShardGroup:
             log.warning("shard group %s did not stop cleanly: %s", self.model, e)
         finally:
             if self.entry is not None:
-                Registry(self.settings.registry_dir).unregister(self.model, address=self.entry.address)
+                Registry(self.settings.registry_dir).unregister(
+                    self.model, address=self.entry.address
+                )
             self._cleanup()
 
     def _cleanup(self) -> None:

@@ -125,7 +125,10 @@ class EmbedRequest(_ModeRequest):
             raise ValueError("give exactly one of 'inputs_embeds' or 'adapter_input'")
         if (self.adapter is None) != (self.adapter_input is None):
             raise ValueError("'adapter' and 'adapter_input' go together")
-        for name, t in (("inputs_embeds", self.inputs_embeds), ("adapter_input", self.adapter_input)):
+        for name, t in (
+            ("inputs_embeds", self.inputs_embeds),
+            ("adapter_input", self.adapter_input),
+        ):
             if t is not None and t.dtype not in ("float32", "bfloat16", "float16"):
                 raise TensorError(f"{name} must be a floating-point tensor, not {t.dtype}")
         return self

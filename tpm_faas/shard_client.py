@@ -26,12 +26,17 @@ class ShardClient:
         self.address = address
         self.timeout_s = timeout_s
 
-    def call(self, op: str, body: dict[str, Any] | None = None, *, request_id: str | None = None,
-             timeout_s: float | None = None) -> dict[str, Any]:
+    def call(
+        self,
+        op: str,
+        body: dict[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
         """Send one request and wait for its result; errors come back as :class:`TPMError`."""
         msg = {"op": op, "request_id": request_id or str(uuid.uuid4()), "body": body or {}}
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(self.address)

@@ -21,9 +21,25 @@ def tokens_file(tmp_path: Path) -> Path:
             {
                 "client_id": "cid",
                 "tokens": [
-                    {"token": "good-token", "identity": "a@x", "scopes": ["query", "embed"], "expires_at": (now + timedelta(hours=1)).isoformat()},
-                    {"token": "old-token1", "identity": "a@x", "scopes": ["query"], "expires_at": (now - timedelta(hours=1)).isoformat()},
-                    {"token": "off-token1", "identity": "a@x", "scopes": ["query"], "expires_at": (now + timedelta(hours=1)).isoformat(), "active": False},
+                    {
+                        "token": "good-token",
+                        "identity": "a@x",
+                        "scopes": ["query", "embed"],
+                        "expires_at": (now + timedelta(hours=1)).isoformat(),
+                    },
+                    {
+                        "token": "old-token1",
+                        "identity": "a@x",
+                        "scopes": ["query"],
+                        "expires_at": (now - timedelta(hours=1)).isoformat(),
+                    },
+                    {
+                        "token": "off-token1",
+                        "identity": "a@x",
+                        "scopes": ["query"],
+                        "expires_at": (now + timedelta(hours=1)).isoformat(),
+                        "active": False,
+                    },
                 ],
             }
         )
@@ -69,8 +85,15 @@ def test_mapped_identity_must_match(tokens_file: Path) -> None:
 
 def test_introspection_response_parsing() -> None:
     info = TokenInfo.from_introspection(
-        {"active": True, "sub": "uuid-1", "username": "u@org", "scope": f"{mode_scope('c', 'query')} openid",
-         "aud": ["c"], "exp": 2e9, "identity_set": ["uuid-1", "uuid-2"]}
+        {
+            "active": True,
+            "sub": "uuid-1",
+            "username": "u@org",
+            "scope": f"{mode_scope('c', 'query')} openid",
+            "aud": ["c"],
+            "exp": 2e9,
+            "identity_set": ["uuid-1", "uuid-2"],
+        }
     )
     assert mode_scope("c", "query") in info.scopes and "uuid-2" in info.identity_set
     assert not TokenInfo.from_introspection({"active": False}).active
@@ -79,6 +102,8 @@ def test_introspection_response_parsing() -> None:
 def test_bad_tokens_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         LocalIntrospector(tmp_path / "missing.yaml")
-    (tmp_path / "t.yaml").write_text("tokens: [{token: abcdefgh, identity: a, scopes: [], expires_at: x, extra: 1}]")
+    (tmp_path / "t.yaml").write_text(
+        "tokens: [{token: abcdefgh, identity: a, scopes: [], expires_at: x, extra: 1}]"
+    )
     with pytest.raises(ConfigError):
         LocalIntrospector(tmp_path / "t.yaml")

@@ -5,7 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("torch", "deepspeed", "parsl", "globus_compute_sdk", "globus_compute_endpoint", "transformers")
+HEAVY = (
+    "torch",
+    "deepspeed",
+    "parsl",
+    "globus_compute_sdk",
+    "globus_compute_endpoint",
+    "transformers",
+)
 
 PROBE = """
 import sys
@@ -16,15 +23,23 @@ print(",".join(heavy))
 
 
 def _heavy_after(body: str) -> list[str]:
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE.format(body=body, heavy=HEAVY)],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip().splitlines()
+    out = (
+        subprocess.run(
+            [sys.executable, "-c", PROBE.format(body=body, heavy=HEAVY)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
     return [m for m in out[-1].split(",") if m] if out else []
 
 
 def test_import_package_is_light() -> None:
-    assert _heavy_after("import tpm_faas, tpm_faas.client, tpm_faas.gateway, tpm_faas.functions") == []
+    assert (
+        _heavy_after("import tpm_faas, tpm_faas.client, tpm_faas.gateway, tpm_faas.functions") == []
+    )
 
 
 def test_cli_help_is_light() -> None:

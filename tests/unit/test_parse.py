@@ -12,7 +12,9 @@ from tpm_faas.gateway import parse, request_hash
 from tpm_faas.schemas import EmbedRequest, InterveneRequest, QueryRequest
 
 
-def _tensor(shape: list[int], dtype: str = "float32", nbytes: int | None = None) -> dict[str, object]:
+def _tensor(
+    shape: list[int], dtype: str = "float32", nbytes: int | None = None
+) -> dict[str, object]:
     size = nbytes if nbytes is not None else 4 * __import__("math").prod(shape)
     return {"dtype": dtype, "shape": shape, "data": base64.b64encode(b"\0" * size).decode()}
 
@@ -42,7 +44,13 @@ def test_unknown_field_named() -> None:
 
 @pytest.mark.parametrize(
     "field,value",
-    [("max_new_tokens", 0), ("max_new_tokens", 10**6), ("temperature", -1), ("top_p", 0), ("model", "nover")],
+    [
+        ("max_new_tokens", 0),
+        ("max_new_tokens", 10**6),
+        ("temperature", -1),
+        ("top_p", 0),
+        ("model", "nover"),
+    ],
 )
 def test_out_of_range_values(field: str, value: object) -> None:
     with pytest.raises(RequestError) as e:
@@ -59,7 +67,10 @@ def test_tensor_size_mismatch_is_bad_tensor() -> None:
 
 def test_oversize_tensor_refused_before_decoding() -> None:
     # Declares 4 GiB; the data is tiny: refused on the declaration alone.
-    req = {"model": "demo-tpm@1", "inputs_embeds": {"dtype": "float32", "shape": [1024, 1024, 1024], "data": "AAAA"}}
+    req = {
+        "model": "demo-tpm@1",
+        "inputs_embeds": {"dtype": "float32", "shape": [1024, 1024, 1024], "data": "AAAA"},
+    }
     with pytest.raises(TensorError) as e:
         parse(EmbedRequest, json.dumps(req))
     assert "limit" in e.value.message
@@ -83,7 +94,11 @@ def test_intervene_ops_discriminated() -> None:
     req = {
         "model": "demo-tpm@1",
         "prompt": "x",
-        "ops": [{"op": "save", "layers": "*"}, {"op": "logit_lens"}, {"op": "add", "layer": 0, "vector": _tensor([8])}],
+        "ops": [
+            {"op": "save", "layers": "*"},
+            {"op": "logit_lens"},
+            {"op": "add", "layer": 0, "vector": _tensor([8])},
+        ],
     }
     r = parse(InterveneRequest, json.dumps(req))
     assert [o.op for o in r.ops] == ["save", "logit_lens", "add"]

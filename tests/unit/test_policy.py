@@ -55,7 +55,10 @@ def test_unknown_key_named_with_path(tmp_path: Path) -> None:
 
 
 def test_unknown_tier_refused() -> None:
-    text = b"models: {m@1: {}}\ngroups: [{name: g, match: {}, modes: [query], models: [m@1], allocation: p, tier: gold}]"
+    text = (
+        b"models: {m@1: {}}\n"
+        b"groups: [{name: g, match: {}, modes: [query], models: [m@1], allocation: p, tier: gold}]"
+    )
     with pytest.raises(ConfigError, match="tier"):
         Policy.parse(text)
 

@@ -7,6 +7,7 @@ charged for a request that fails: its hold is voided, or never made.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -83,8 +84,10 @@ class Gateway:
         self, mode: Any, request: Any, request_id: str, token: str | None, started: float
     ) -> dict[str, Any]:
         principal = self.authenticator.require(token, mode.name)
-        decision = self.policy.decide(principal.identity, principal.username, mode.name, request.model)
         group = self.registry.lookup(request.model)
+        decision = self.policy.decide(
+            principal.identity, principal.username, mode.name, request.model
+        )
         admission = mode.admit(request, group.model, decision.limits)
         held = decision.price_micro(admission.worst)
         self.ledger.hold(
@@ -136,7 +139,9 @@ class Gateway:
 def parse(model: type[Any], request_json: str) -> Any:
     """Parse and validate a request; errors name the offending field."""
     if not isinstance(request_json, str):
-        raise MalformedRequest(f"the request must be a JSON string, not {type(request_json).__name__}")
+        raise MalformedRequest(
+            f"the request must be a JSON string, not {type(request_json).__name__}"
+        )
     try:
         raw = json.loads(request_json)
     except ValueError as e:
@@ -160,7 +165,9 @@ def _loc(loc: tuple[Any, ...]) -> str:
 
 def request_hash(request: Any) -> str:
     """sha256 of the canonical JSON of a parsed request (without its request id)."""
-    canon = json.dumps(request.model_dump(exclude={"request_id"}), sort_keys=True, separators=(",", ":"))
+    canon = json.dumps(
+        request.model_dump(exclude={"request_id"}), sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
@@ -168,10 +175,8 @@ def request_hash(request: Any) -> str:
 def gateway_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("tpm-faas", "globus-compute-endpoint", "globus-sdk", "pydantic"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
     return out
 
 
@@ -183,12 +188,19 @@ def _gateway_for(env_key: tuple[tuple[str, str], ...]) -> Gateway:
 def handle(mode_name: str, request_json: str, token: str | None) -> str:
     """Run one request and return JSON; never raises (errors become error records)."""
     try:
-        env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("TPM_FAAS_") or k == "HOME"))
+        env = tuple(
+            sorted(
+                (k, v) for k, v in os.environ.items() if k.startswith("TPM_FAAS_") or k == "HOME"
+            )
+        )
         reply = _gateway_for(env).handle(mode_name, request_json, token)
     except TPMError as e:
         log.info("request refused: %s", e)
         reply = {"ok": False, "error": e.to_record()}
     except Exception as e:  # an unexpected failure: report it without a traceback
         log.exception("request failed")
-        reply = {"ok": False, "error": TPMError(f"internal error: {type(e).__name__}: {e}").to_record()}
+        reply = {
+            "ok": False,
+            "error": TPMError(f"internal error: {type(e).__name__}: {e}").to_record(),
+        }
     return json.dumps(reply, separators=(",", ":"))

@@ -94,13 +94,17 @@ class GlobusIntrospector:
     """Introspect with Globus Auth (``oauth2_token_introspect``, ``include=identity_set``).
 
     Answers are cached until the token's expiry (at most ``cache_size`` tokens, keyed by the
-    token's sha256). Network errors fail closed.
+    token's sha256). Network errors fail closed after ``max_retries`` retries (the SDK's
+    default of 5 would hold a request for about 15 s during an Auth outage).
     """
 
-    def __init__(self, client_id: str, client_secret: str, *, cache_size: int = 1024) -> None:
+    def __init__(
+        self, client_id: str, client_secret: str, *, cache_size: int = 1024, max_retries: int = 1
+    ) -> None:
         import globus_sdk
 
         self._client = globus_sdk.ConfidentialAppAuthClient(client_id, client_secret)
+        self._client.retry_config.max_retries = max_retries
         self._cache: dict[str, TokenInfo] = {}
         self._cache_size = cache_size
 

@@ -162,7 +162,10 @@ class Ledger:
         now = self._clock()
         with self._tx() as c:
             self._expire(c, now)
-            if c.execute(sa.select(projects.c.name).where(projects.c.name == project)).first() is None:
+            if (
+                c.execute(sa.select(projects.c.name).where(projects.c.name == project)).first()
+                is None
+            ):
                 raise InsufficientFunds(f"project {project!r} has no allocation in the ledger")
             if c.execute(sa.select(holds.c.state).where(holds.c.request_id == request_id)).first():
                 raise DuplicateRequest(f"request {request_id} was already admitted once")
@@ -202,7 +205,9 @@ class Ledger:
                 .where(holds.c.request_id == request_id, holds.c.state == "held")
                 .values(state="posted", charged=charge)
             )
-            self._transfer(c, request_id, row.project, "release", row.amount, row.mode, row.identity, now)
+            self._transfer(
+                c, request_id, row.project, "release", row.amount, row.mode, row.identity, now
+            )
             self._transfer(c, request_id, row.project, "post", charge, row.mode, row.identity, now)
         return charge
 
@@ -272,7 +277,9 @@ class Ledger:
             .where(holds.c.request_id == row.request_id, holds.c.state == "held")
             .values(state="voided")
         )
-        self._transfer(c, row.request_id, row.project, "release", row.amount, row.mode, row.identity, now)
+        self._transfer(
+            c, row.request_id, row.project, "release", row.amount, row.mode, row.identity, now
+        )
 
     def _expire(self, c: Connection, now: float) -> int:
         stale = c.execute(

@@ -140,7 +140,9 @@ class Policy:
             raise ConfigError(f"policy file {source} is invalid: {where}") from e
         for g in data.groups:
             if g.tier not in data.tiers:
-                raise ConfigError(f"policy file {source}: group {g.name!r} uses unknown tier {g.tier!r}")
+                raise ConfigError(
+                    f"policy file {source}: group {g.name!r} uses unknown tier {g.tier!r}"
+                )
         return cls(data, hashlib.sha256(text).hexdigest(), source)
 
     def decide(self, identity: str, username: str, mode: str, model: str) -> Decision:

@@ -58,4 +58,6 @@ def check_context(model: ModelInfo, prompt_tokens: int, new_tokens: int) -> None
 
 
 def check_output_bytes(estimate: int, limits: Limits) -> None:
-    check_limit("the result size this request may return (bytes)", estimate, limits.max_bytes_returned)
+    check_limit(
+        "the result size this request may return (bytes)", estimate, limits.max_bytes_returned
+    )

@@ -35,10 +35,14 @@ class EmbedMode(Mode):
         if len(shape) == 2:
             shape = [1, *shape]
         if len(shape) != 3:
-            raise TensorError(f"{where} must have shape [batch, tokens, {width}] or [tokens, {width}]")
+            raise TensorError(
+                f"{where} must have shape [batch, tokens, {width}] or [tokens, {width}]"
+            )
         batch, tokens, feat = shape
         if feat != width:
-            raise TensorError(f"{where} has last dimension {feat}; model {model.name} needs {width}")
+            raise TensorError(
+                f"{where} has last dimension {feat}; model {model.name} needs {width}"
+            )
         check_limit(f"{where} size (bytes)", t.nbytes, limits.max_input_bytes)
         check_limit("the batch of inputs", batch, limits.max_prompts)
         check_limit("tokens per input", tokens, limits.max_prompt_tokens)

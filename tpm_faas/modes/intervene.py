@@ -39,7 +39,9 @@ def _positions(sel: list[int] | None, length: int, where: str) -> list[int]:
     for p in sel:
         q = p + length if p < 0 else p
         if not 0 <= q < length:
-            raise RequestError(f"{where}: position {p} is out of range for a prompt of {length} tokens")
+            raise RequestError(
+                f"{where}: position {p} is out of range for a prompt of {length} tokens"
+            )
         out.append(q)
     return sorted(set(out))
 
@@ -61,7 +63,9 @@ class InterveneMode(Mode):
         for i, op in enumerate(request.ops):
             where = f"ops[{i}] ({op.op})"
             if op.op not in limits.allowed_ops:
-                raise PolicyDenied(f"{where}: the {op.op!r} operation is not allowed for your group")
+                raise PolicyDenied(
+                    f"{where}: the {op.op!r} operation is not allowed for your group"
+                )
             if op.op in WRITE_OPS and not limits.write:
                 raise PolicyDenied(f"{where}: your group may read hidden states but not write them")
             if isinstance(op, SaveOp):
@@ -72,10 +76,14 @@ class InterveneMode(Mode):
                 ops.append({"op": "save", "site": op.site, "layers": layers, "positions": pos})
             elif isinstance(op, AddOp):
                 if op.layer >= n_layers:
-                    raise RequestError(f"{where}: layer {op.layer} is out of range ({n_layers} layers)")
+                    raise RequestError(
+                        f"{where}: layer {op.layer} is out of range ({n_layers} layers)"
+                    )
                 if op.vector.shape != [d]:
                     raise TensorError(f"{where}: vector has shape {op.vector.shape}; needs [{d}]")
-                pos_add = None if op.positions is None else _positions(op.positions, n_tokens, where)
+                pos_add = (
+                    None if op.positions is None else _positions(op.positions, n_tokens, where)
+                )
                 sites.add((op.site, op.layer))
                 ops.append(
                     {
@@ -92,7 +100,9 @@ class InterveneMode(Mode):
                 pos = _positions(op.positions, n_tokens, where)
                 sites.update(("hook_resid_post", layer) for layer in layers)
                 out_bytes += len(layers) * len(pos) * op.top_k * BYTES_PER_LENS_ENTRY
-                ops.append({"op": "logit_lens", "layers": layers, "positions": pos, "top_k": op.top_k})
+                ops.append(
+                    {"op": "logit_lens", "layers": layers, "positions": pos, "top_k": op.top_k}
+                )
         check_limit("hook sites touched", len(sites), limits.max_hook_sites)
         check_output_bytes(out_bytes, limits)
         worst = Usage(
@@ -109,7 +119,9 @@ class InterveneMode(Mode):
         }
         return Admission(worst, self.shard_op, body)
 
-    def usage(self, request: InterveneRequest, admission: Admission, result: dict[str, Any]) -> Usage:
+    def usage(
+        self, request: InterveneRequest, admission: Admission, result: dict[str, Any]
+    ) -> Usage:
         return Usage(
             input_tokens=int(result["prompt_tokens"]),
             output_tokens=int(result["completion_tokens"]),

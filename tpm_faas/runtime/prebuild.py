@@ -43,7 +43,10 @@ def main() -> int:
         print(f"no ops to prebuild for the {accel.device_name()} accelerator")
         return 0
     builder.load()
-    print(f"DeepSpeed ops ready in {os.environ['TORCH_EXTENSIONS_DIR']} ({time.monotonic() - t0:.1f} s)")
+    print(
+        f"DeepSpeed ops ready in {os.environ['TORCH_EXTENSIONS_DIR']} "
+        f"({time.monotonic() - t0:.1f} s)"
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -87,8 +88,7 @@ def serve_rank(
 def _serve_rank0(runner: Any, tp_size: int, registry: Registry) -> int:
     import zmq
 
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.ROUTER)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     address = f"tcp://127.0.0.1:{port}"
@@ -116,11 +116,20 @@ def _serve_rank0(runner: Any, tp_size: int, registry: Registry) -> int:
             if op == "shutdown":
                 if tp_size > 1:
                     _recv_broadcast(msg)
-                sock.send_multipart([ident, b"", _dumps({"ok": True, "result": {"served": served}})])
+                sock.send_multipart(
+                    [ident, b"", _dumps({"ok": True, "result": {"served": served}})]
+                )
                 break
             if op in ("ping", "info"):
-                reply = {"ok": True, "result": {"model": runner.info.name, "tp_size": tp_size,
-                                                "served": served, "address": address}}
+                reply = {
+                    "ok": True,
+                    "result": {
+                        "model": runner.info.name,
+                        "tp_size": tp_size,
+                        "served": served,
+                        "address": address,
+                    },
+                }
             elif op in RANK_OPS:
                 if tp_size > 1:
                     _recv_broadcast(msg)
@@ -175,8 +184,6 @@ def _dumps(obj: Any) -> bytes:
 def runtime_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("torch", "transformers", "deepspeed", "safetensors"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
     return out

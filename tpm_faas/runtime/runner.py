@@ -71,15 +71,16 @@ class LinearExtra:
 class ModelRunner:
     """A loaded model (possibly a tensor-parallel shard) and its registered extras."""
 
-    def __init__(self, model: torch.nn.Module, info: ModelInfo, extras: dict[str, LinearExtra]) -> None:
+    def __init__(self, model: Any, info: ModelInfo, extras: dict[str, LinearExtra]) -> None:
         self.model = model
         self.info = info
         self.extras = extras
         self.tok = ByteTokenizer()
         self.dtype = DTYPES[info.dtype]
-        self.layers: list[torch.nn.Module] = list(model.model.layers)
-        self.norm: torch.nn.Module = model.model.norm
-        self.lm_head: torch.nn.Module = model.lm_head
+        core: Any = model.model  # the decoder stack of a *ForCausalLM
+        self.layers: list[torch.nn.Module] = list(core.layers)
+        self.norm: Any = core.norm
+        self.lm_head: Any = model.lm_head
 
     @classmethod
     def load(cls, name: str, model_dir: Path, *, dtype: str, tp_size: int) -> ModelRunner:
@@ -88,7 +89,7 @@ class ModelRunner:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
         model.eval()
         engine = deepspeed.init_inference(
             model,
@@ -96,7 +97,7 @@ class ModelRunner:
             dtype=DTYPES[dtype],
             replace_with_kernel_inject=False,
         )
-        module: torch.nn.Module = engine.module
+        module: Any = engine.module
         meta = model_store.card(model_dir)
         extras: dict[str, LinearExtra] = {}
         extras_path = model_dir / "extras.safetensors"
@@ -193,10 +194,15 @@ class ModelRunner:
         if x.dim() == 2:
             x = x.unsqueeze(0)
         if x.dim() != 3 or x.shape[-1] != self.info.hidden_size:
-            raise TensorError(f"inputs have shape {list(x.shape)}; need [batch, tokens, {self.info.hidden_size}]")
+            raise TensorError(
+                f"inputs have shape {list(x.shape)}; need [batch, tokens, {self.info.hidden_size}]"
+            )
         hidden = self.model.model(inputs_embeds=x.to(self.dtype)).last_hidden_state.float()
         pooled = hidden.mean(dim=1) if body["pooling"] == "mean" else hidden[:, -1]
-        result: dict[str, Any] = {"input_tokens": int(x.shape[0] * x.shape[1]), "pooling": body["pooling"]}
+        result: dict[str, Any] = {
+            "input_tokens": int(x.shape[0] * x.shape[1]),
+            "pooling": body["pooling"],
+        }
         if body.get("head"):
             head = self.extras.get(f"heads.{body['head']}")
             if head is None:
@@ -281,7 +287,11 @@ class ModelRunner:
                         "position": p,
                         "input_token": self.tok.token_str(ids[p]),
                         "top": [
-                            {"token": self.tok.token_str(int(t)), "id": int(t), "prob": round(float(q), 6)}
+                            {
+                                "token": self.tok.token_str(int(t)),
+                                "id": int(t),
+                                "prob": round(float(q), 6),
+                            }
                             for t, q in zip(top.indices[j], top.values[j], strict=True)
                         ],
                     }
@@ -294,7 +304,9 @@ class ModelRunner:
             "logit_lens": table,
         }
 
-    def _decode_with_offset(self, ids: list[int], max_new: int, seed: int, offset: list[int]) -> list[int]:
+    def _decode_with_offset(
+        self, ids: list[int], max_new: int, seed: int, offset: list[int]
+    ) -> list[int]:
         from transformers import DynamicCache
 
         cache = DynamicCache()

@@ -1,0 +1,112 @@
+"""All three modes through the whole real path: client → GlobusComputeEngine task → gateway
+(auth, policy, ledger) → Parsl-launched shard group → result with usage and receipt."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tpm_faas.embedded import EmbeddedSite
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "And God said, Let there be"
+
+
+def test_query_greedy_is_deterministic_and_charged(site: EmbeddedSite) -> None:
+    c = site.client()
+    a = c.generate(PROMPT, max_new_tokens=24, logprobs=True)
+    b = c.generate(PROMPT, max_new_tokens=24)
+    assert a.text == b.text and len(a.text) > 0
+    comp = a.output["completions"][0]
+    assert comp["completion_tokens"] == 24 and len(comp["logprobs"]) == 24
+    assert all(e["logprob"] <= 0 for e in comp["logprobs"])
+    assert a.usage["su"] > 0 and a.usage["su"] <= a.usage["su_held"]
+    assert a.usage["input_tokens"] == len(PROMPT.encode()) + 1 and a.usage["output_tokens"] == 24
+    r = a.receipt
+    assert len(r["checkpoint_sha256"]) == 64 and len(r["request_sha256"]) == 64
+    assert r["seed"] == 0 and r["tp_size"] == 1
+    assert {"torch", "transformers", "deepspeed", "tpm-faas"} <= set(r["versions"])
+
+
+def test_query_sampling_is_seeded(site: EmbeddedSite) -> None:
+    c = site.client()
+    kw = {"max_new_tokens": 16, "temperature": 1.0, "top_p": 0.9}
+    a = c.generate(PROMPT, seed=7, **kw)
+    b = c.generate(PROMPT, seed=7, **kw)
+    texts = {c.generate(PROMPT, seed=s, **kw).text for s in range(4)}
+    assert a.text == b.text
+    assert len(texts) > 1
+
+
+def test_query_several_prompts(site: EmbeddedSite) -> None:
+    r = site.client().generate(["In the beginning", "And Abraham"], max_new_tokens=8)
+    assert len(r.texts) == 2 and r.usage["output_tokens"] == 16
+
+
+def test_embed_adapter_and_head(site: EmbeddedSite) -> None:
+    feats = np.random.default_rng(0).standard_normal((3, 4, 16)).astype(np.float32)
+    r = site.client().embed(adapter="features-linear", adapter_input=feats, head="regression")
+    out = r.tensor()
+    assert out.shape == (3, 1) and np.isfinite(out).all()
+    assert r.usage["input_tokens"] == 12 and r.usage["su"] > 0
+
+
+def test_embed_inputs_embeds_pooled(site: EmbeddedSite) -> None:
+    x = np.random.default_rng(1).standard_normal((2, 5, 256)).astype(np.float32)
+    mean = site.client().embed(x).tensor()
+    last = site.client().embed(x, pooling="last").tensor()
+    assert mean.shape == last.shape == (2, 256)
+    assert not np.allclose(mean, last)
+
+
+def test_intervene_logit_lens_matches_generation(site: EmbeddedSite) -> None:
+    c = site.client()
+    greedy = c.generate(PROMPT, max_new_tokens=1).output["completions"][0]["token_ids"][0]
+    r = c.intervene(
+        PROMPT,
+        [
+            {"op": "logit_lens", "layers": "*", "top_k": 3},
+            {"op": "save", "layers": [0, 3], "positions": [-1, 0]},
+        ],
+    )
+    table = r.output["logit_lens"]
+    assert [row["layer"] for row in table] == [0, 1, 2, 3]
+    # The lens at the last layer is the model's own next-token distribution.
+    assert table[-1]["top"][0]["id"] == greedy
+    saved = r.saved
+    assert set(saved) == {"blocks.0.hook_resid_post", "blocks.3.hook_resid_post"}
+    assert saved["blocks.3.hook_resid_post"].shape == (2, 256)
+    assert r.usage["hooked_sites"] == 4
+
+
+def test_intervene_steering_changes_the_output(site: EmbeddedSite) -> None:
+    c = site.client()
+    plain = c.intervene(
+        PROMPT, [{"op": "save", "layers": [1], "positions": [-1]}], max_new_tokens=24
+    )
+    vec = (
+        c.intervene("Egypt, Egypt, Egypt", [{"op": "save", "layers": [1]}])
+        .saved["blocks.1.hook_resid_post"]
+        .mean(0)
+    )
+    zero = c.intervene(
+        PROMPT, [{"op": "add", "layer": 1, "vector": np.zeros_like(vec)}], max_new_tokens=24
+    )
+    steered = c.intervene(
+        PROMPT, [{"op": "add", "layer": 1, "vector": vec, "scale": 4.0}], max_new_tokens=24
+    )
+    assert zero.text == plain.text == c.generate(PROMPT, max_new_tokens=24).text
+    assert steered.text != plain.text
+
+
+def test_ledger_records_every_charge_and_no_open_hold(site: EmbeddedSite) -> None:
+    c = site.client()
+    ledger = site.ledger()
+    before = ledger.balance("demo")
+    r = c.generate("And", max_new_tokens=4)
+    after = ledger.balance("demo")
+    assert after.charged - before.charged == round(r.usage["su"] * 1e6)
+    assert ledger.open_holds() == []
+    assert r.request_id in {row["request_id"] for row in ledger.charges("demo")}
+    ledger.close()

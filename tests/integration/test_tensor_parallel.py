@@ -1,0 +1,125 @@
+"""tp=2 (two DeepSpeed AutoTP ranks over gloo, started through Parsl) equals tp=1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from tpm_faas.client import decode_array
+from tpm_faas.config import Settings
+from tpm_faas.embedded import EmbeddedSite
+from tpm_faas.launcher import ShardGroup
+from tpm_faas.shard_client import ShardClient
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["And God said, Let there be", "In the beginning", "And Abraham"]
+
+
+@pytest.fixture(scope="module")
+def tp2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShardClient]:
+    home = tmp_path_factory.mktemp("tp2")
+    group = ShardGroup("demo-tpm@1", 2, Settings.from_env({}, home=home), home / "runs")
+    group.start()
+    try:
+        yield group.client()
+    finally:
+        group.stop()
+    assert not group.healthy()
+
+
+def _tp1(site: EmbeddedSite) -> ShardClient:
+    from tpm_faas.registry import Registry
+
+    return ShardClient(Registry(site.settings.registry_dir).lookup("demo-tpm@1").address)
+
+
+def test_group_reports_two_ranks(tp2: ShardClient) -> None:
+    assert tp2.ping()["tp_size"] == 2
+
+
+def test_greedy_text_identical(site: EmbeddedSite, tp2: ShardClient) -> None:
+    body = {
+        "prompts": PROMPTS,
+        "max_new_tokens": 32,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 0,
+        "stop_at_eos": True,
+        "logprobs": True,
+    }
+    one = _tp1(site).call("generate", body)["completions"]
+    two = tp2.call("generate", body)["completions"]
+    assert [c["token_ids"] for c in one] == [c["token_ids"] for c in two]
+    lp1 = np.array([e["logprob"] for c in one for e in c["logprobs"]])
+    lp2 = np.array([e["logprob"] for c in two for e in c["logprobs"]])
+    np.testing.assert_allclose(lp1, lp2, atol=1e-4)
+
+
+def test_hidden_states_within_tolerance(site: EmbeddedSite, tp2: ShardClient) -> None:
+    body = {
+        "prompt": PROMPTS[0],
+        "max_new_tokens": 0,
+        "seed": 0,
+        "ops": [
+            {
+                "op": "save",
+                "site": "hook_resid_post",
+                "layers": [0, 1, 2, 3],
+                "positions": list(range(10)),
+            },
+            {"op": "logit_lens", "layers": [0, 1, 2, 3], "positions": [9], "top_k": 5},
+        ],
+    }
+    one, two = _tp1(site).call("intervene", body), tp2.call("intervene", body)
+    for name in one["saved"]:
+        a = decode_array(one["saved"][name]["tensor"])
+        b = decode_array(two["saved"][name]["tensor"])
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+    assert [[t["id"] for t in r["top"]] for r in one["logit_lens"]] == [
+        [t["id"] for t in r["top"]] for r in two["logit_lens"]
+    ]
+
+
+def test_embed_within_tolerance(site: EmbeddedSite, tp2: ShardClient) -> None:
+    from tpm_faas.client import encode_array
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 16)).astype(np.float32)
+    body = {
+        "adapter": "features-linear",
+        "adapter_input": encode_array(x),
+        "head": None,
+        "pooling": "mean",
+    }
+    a = decode_array(_tp1(site).call("embed", body)["output"])
+    b = decode_array(tp2.call("embed", body)["output"])
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_request_does_not_stall_the_ranks(tp2: ShardClient) -> None:
+    from tpm_faas.errors import TPMError
+
+    with pytest.raises(TPMError):
+        tp2.call(
+            "intervene",
+            {
+                "prompt": "x",
+                "ops": [{"op": "save", "layers": [99], "positions": [0]}],
+                "max_new_tokens": 0,
+                "seed": 0,
+            },
+        )
+    out = tp2.call(
+        "generate",
+        {
+            "prompts": ["And"],
+            "max_new_tokens": 3,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "seed": 0,
+            "stop_at_eos": True,
+        },
+    )
+    assert out["completions"][0]["completion_tokens"] == 3
