@@ -111,6 +111,8 @@ class EmbeddedSite:
         from tpm_faas.compute.transport import LocalEngineTransport
         from tpm_faas.launcher import ShardGroup
 
+        if self.endpoint is not None or self.group is not None:
+            raise RuntimeError("this EmbeddedSite is already started")
         say = progress or (lambda _m: None)
         self.home.mkdir(parents=True, exist_ok=True)
         assert self.settings.dev_tokens_path is not None
@@ -165,7 +167,8 @@ class EmbeddedSite:
             self.group = None
 
     def __enter__(self) -> EmbeddedSite:
-        return self.start()
+        # ``with EmbeddedSite(...).start(progress=...) as site:`` must not start it twice.
+        return self if self.endpoint is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

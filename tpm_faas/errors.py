@@ -39,19 +39,20 @@ class TPMError(Exception):
     :param code: overrides the class's default code
     """
 
-    code: ClassVar[str] = "internal"
+    #: The class's default code; an instance may carry another (see ``__init__``).
+    code: str = "internal"
     exit_code: ClassVar[int] = 1
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self._code = code
+        self.code = code or type(self).code
         self.request_id: str | None = None
 
     @property
     def error_code(self) -> str:
-        """The code of this instance (the class default unless overridden)."""
-        return self._code or type(self).code
+        """The code of this instance (an alias of :attr:`code`)."""
+        return self.code
 
     def to_record(self, request_id: str | None = None) -> dict[str, Any]:
         """The plain record that crosses process and network boundaries."""
