@@ -26,6 +26,8 @@ def test_query_greedy_is_deterministic_and_charged(site: EmbeddedSite) -> None:
     r = a.receipt
     assert len(r["checkpoint_sha256"]) == 64 and len(r["request_sha256"]) == 64
     assert r["seed"] == 0 and r["tp_size"] == 1
+    t = a.usage["timing"]
+    assert t["ttft_s"] >= t["queue_s"] >= 0 and t["decode_tok_s"] > 0 and t["max_batch"] >= 1
     assert {"torch", "transformers", "deepspeed", "tpm-faas"} <= set(r["versions"])
 
 

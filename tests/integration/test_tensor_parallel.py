@@ -123,3 +123,21 @@ def test_bad_request_does_not_stall_the_ranks(tp2: ShardClient) -> None:
         },
     )
     assert out["completions"][0]["completion_tokens"] == 3
+
+
+def test_concurrent_requests_batch_across_ranks(site: EmbeddedSite, tp2: ShardClient) -> None:
+    """Eight clients at once on the tp=2 group: batched together, each as if alone on tp=1."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [*PROMPTS, "Now the serpent", "And Jacob", "And Noah", "These are", "And Sarah"]
+
+    def body(p: str) -> dict[str, object]:
+        return {"prompts": [p], "max_new_tokens": 24, "temperature": 0.0, "seed": 0}
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda p: tp2.call("generate", body(p)), prompts))
+    one = _tp1(site)
+    for p, r in zip(prompts, together, strict=True):
+        alone = one.call("generate", body(p))
+        assert r["completions"][0]["token_ids"] == alone["completions"][0]["token_ids"], p
+    assert max(r["timing"]["max_batch"] for r in together) > 1

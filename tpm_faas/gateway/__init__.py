@@ -101,6 +101,8 @@ class Gateway:
         try:
             shard = ShardClient(group.address, timeout_s=self.settings.shard_timeout_s)
             output = shard.call(admission.shard_op, admission.body, request_id=request_id)
+            # Serving figures (queue wait, time to first token, decode rate) go with the usage.
+            timing = output.pop("timing", None)
             used = mode.usage(request, admission, output)
             out_bytes = len(json.dumps(output, separators=(",", ":")))
             used = Usage(used.input_tokens, used.output_tokens, out_bytes, used.hooked_sites)
@@ -120,6 +122,7 @@ class Gateway:
                 "su_held": to_su(held),
                 "project": decision.project,
                 "seconds": round(time.time() - started, 4),
+                **({"timing": timing} if timing else {}),
             },
             "receipt": {
                 "request_id": request_id,

@@ -1,9 +1,10 @@
 """One rank of a shard group: load the model, stay warm, serve until told to stop.
 
-Rank 0 owns a ZeroMQ ROUTER socket on loopback and registers its address. For each request
-it broadcasts the message (JSON bytes in a uint8 tensor: no pickles cross ranks) to the
-other ranks; all ranks run it; rank 0 replies. ``ping`` and ``info`` are answered by rank 0
-alone.
+Rank 0 owns a ZeroMQ ROUTER socket on loopback and registers its address. Generation
+requests go to the scheduler (:mod:`tpm_faas.runtime.scheduler`), which batches them step by
+step; ``embed`` and ``intervene`` run whole between two steps. Every model call is broadcast
+first (JSON bytes in a uint8 tensor: no pickles cross ranks), so all ranks run the same
+forward passes; rank 0 replies. ``ping`` and ``info`` are answered by rank 0 alone.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from tpm_faas.registry import GroupEntry, Registry
 
 log = logging.getLogger(__name__)
 
-RANK_OPS = ("generate", "embed", "intervene")
+#: Ops that run whole on every rank; ``generate`` goes through the scheduler.
+RANK_OPS = ("embed", "intervene")
 
 
 def serve_rank(
@@ -36,8 +38,15 @@ def serve_rank(
     registry_dir: str,
     dtype: str = "float32",
     threads: int | None = None,
+    max_batch: int = 8,
+    max_wait_ms: float = 0.0,
 ) -> dict[str, Any]:
-    """Run rank ``rank`` of a group of ``tp_size``; returns a summary when the group stops."""
+    """Run rank ``rank`` of a group of ``tp_size``; returns a summary when the group stops.
+
+    :param max_batch: sequences decoded together at most (KV-cache slots)
+    :param max_wait_ms: how long a request may wait for others to batch with while the group
+        is idle (0: start at once; requests arriving later join at the next decode step)
+    """
     os.environ.update(
         {
             "RANK": str(rank),
@@ -64,9 +73,12 @@ def serve_rank(
         # DeepSpeed's CPU shared-memory all-reduce segfaults in fp32 on CPUs without AVX-512.
         deepspeed.comm.comm.cdb.shm_vector_kernel_level = 0
     runner = ModelRunner.load(model, Path(model_dir), dtype=dtype, tp_size=tp_size)
+    runner.attach_decoder(slots=max_batch)
     served = 0
     if rank == 0:
-        served = _serve_rank0(runner, tp_size, Registry(Path(registry_dir)))
+        served = _Rank0(runner, tp_size, max_batch, max_wait_ms / 1000).serve(
+            Registry(Path(registry_dir))
+        )
     else:
         while True:
             msg = _recv_broadcast(None)
@@ -75,7 +87,7 @@ def serve_rank(
             try:
                 _execute(runner, msg)
             except Exception:  # rank 0 reports the error; keep the ranks in step
-                log.debug("rank %d: request failed", rank, exc_info=True)
+                log.debug("rank %d: %s failed", rank, msg["op"], exc_info=True)
             served += 1
     import torch.distributed as dist
 
@@ -85,76 +97,130 @@ def serve_rank(
     return {"rank": rank, "served": served}
 
 
-def _serve_rank0(runner: Any, tp_size: int, registry: Registry) -> int:
-    import zmq
+class _Rank0:
+    """Rank 0: the ZeroMQ socket, the generation scheduler, and the broadcast to the ranks.
 
-    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    address = f"tcp://127.0.0.1:{port}"
-    entry = GroupEntry(
-        model=runner.info,
-        address=address,
-        tp_size=tp_size,
-        pid=os.getpid(),
-        host=socket.gethostname(),
-        started_at=time.time(),
-        versions=runtime_versions(),
-    )
-    registry.register(entry)
-    log.info("serving %s at %s (tp=%d)", runner.info.name, address, tp_size)
-    served = 0
-    try:
-        while True:
+    The loop drains the socket (without blocking while sequences run), then runs one
+    scheduler step. ``embed`` and ``intervene`` run whole, between two decode steps.
+    """
+
+    def __init__(self, runner: Any, tp_size: int, max_batch: int, max_wait_s: float) -> None:
+        from tpm_faas.runtime.scheduler import Scheduler
+
+        self.runner = runner
+        self.tp_size = tp_size
+        self.max_wait_s = max_wait_s
+        self.scheduler = Scheduler(
+            self._collective,
+            slots=runner.decoder.slots,
+            max_len=runner.decoder.max_len,
+            max_batch=max_batch,
+        )
+        self.served = 0
+
+    def _collective(self, msg: dict[str, Any]) -> Any:
+        """Run ``msg`` on every rank (broadcast first); return rank 0's result."""
+        if self.tp_size > 1:
+            _recv_broadcast(msg)
+        return _execute(self.runner, msg)
+
+    def serve(self, registry: Registry) -> int:
+        import zmq
+
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        info = self.runner.info
+        registry.register(
+            GroupEntry(
+                model=info,
+                address=self.address,
+                tp_size=self.tp_size,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                started_at=time.time(),
+                versions=runtime_versions(),
+            )
+        )
+        log.info("serving %s at %s (tp=%d)", info.name, self.address, self.tp_size)
+        try:
+            while True:
+                if self._drain(sock):
+                    break
+                for ident, reply in self.scheduler.step() if self.scheduler.busy else ():
+                    self.served += 1
+                    sock.send_multipart([ident, b"", _dumps(reply)])
+        finally:
+            registry.unregister(info.name, address=self.address)
+            sock.close()
+        return self.served
+
+    def _wait_ms(self) -> int:
+        """How long to block on the socket before the next step."""
+        sched = self.scheduler
+        if not sched.busy:
+            return -1  # idle: sleep until a request comes
+        if sched.running == 0 and sched.oldest_wait_s < self.max_wait_s:
+            return max(1, round(1000 * (self.max_wait_s - sched.oldest_wait_s)))
+        return 0
+
+    def _drain(self, sock: Any) -> bool:
+        """Take every message waiting on the socket; ``True`` when told to shut down."""
+        import zmq
+
+        while sock.poll(self._wait_ms(), zmq.POLLIN):
             frames = sock.recv_multipart()
-            ident, body = frames[0], frames[-1]
+            ident = frames[0]
             try:
-                msg = json.loads(body)
+                msg = json.loads(frames[-1])
                 op = msg.get("op")
             except ValueError:
                 msg, op = {}, None
             if op == "shutdown":
-                if tp_size > 1:
+                if self.tp_size > 1:
                     _recv_broadcast(msg)
-                sock.send_multipart(
-                    [ident, b"", _dumps({"ok": True, "result": {"served": served}})]
-                )
-                break
-            if op in ("ping", "info"):
-                reply = {
-                    "ok": True,
-                    "result": {
-                        "model": runner.info.name,
-                        "tp_size": tp_size,
-                        "served": served,
-                        "address": address,
-                    },
-                }
-            elif op in RANK_OPS:
-                if tp_size > 1:
-                    _recv_broadcast(msg)
-                try:
-                    reply = {"ok": True, "result": _execute(runner, msg)}
-                except TPMError as e:
-                    reply = {"ok": False, "error": e.to_record(msg.get("request_id"))}
-                except Exception as e:  # the group keeps serving; the caller gets a clear error
-                    log.exception("request %s failed", msg.get("request_id"))
-                    err = TPMError(f"the shard group failed the request: {type(e).__name__}: {e}")
-                    reply = {"ok": False, "error": err.to_record(msg.get("request_id"))}
-                served += 1
-            else:
-                reply = {"ok": False, "error": RequestError(f"unknown shard op {op!r}").to_record()}
+                result = {"served": self.served}
+                sock.send_multipart([ident, b"", _dumps({"ok": True, "result": result})])
+                return True
+            if op == "generate":
+                self.scheduler.submit(ident, msg.get("request_id", ""), msg.get("body") or {})
+                continue
+            reply = self._answer(op, msg)
             sock.send_multipart([ident, b"", _dumps(reply)])
-    finally:
-        registry.unregister(runner.info.name, address=address)
-        sock.close()
-    return served
+        return False
+
+    def _answer(self, op: Any, msg: dict[str, Any]) -> dict[str, Any]:
+        if op in ("ping", "info"):
+            result = {
+                "model": self.runner.info.name,
+                "tp_size": self.tp_size,
+                "served": self.served,
+                "address": self.address,
+                "running": self.scheduler.running,
+                "max_batch": self.scheduler.max_batch,
+            }
+            return {"ok": True, "result": result}
+        if op not in RANK_OPS:
+            return {"ok": False, "error": RequestError(f"unknown shard op {op!r}").to_record()}
+        self.served += 1
+        try:
+            return {"ok": True, "result": self._collective(msg)}
+        except TPMError as e:
+            return {"ok": False, "error": e.to_record(msg.get("request_id"))}
+        except Exception as e:  # the group keeps serving; the caller gets a clear error
+            log.exception("request %s failed", msg.get("request_id"))
+            err = TPMError(f"the shard group failed the request: {type(e).__name__}: {e}")
+            return {"ok": False, "error": err.to_record(msg.get("request_id"))}
 
 
-def _execute(runner: Any, msg: dict[str, Any]) -> dict[str, Any]:
+def _execute(runner: Any, msg: dict[str, Any]) -> Any:
     op = msg["op"]
-    body = msg.get("body") or {}
-    result: dict[str, Any] = getattr(runner, op)(body)
+    if op in ("prefill", "decode"):
+        return runner.run_plan(msg)
+    if op not in RANK_OPS:
+        raise RequestError(f"unknown shard op {op!r}")
+    result: dict[str, Any] = getattr(runner, op)(msg.get("body") or {})
     return result
 
 

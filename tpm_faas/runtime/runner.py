@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import base64
 import math
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -23,7 +22,11 @@ from safetensors.torch import load_file
 from tpm_faas.errors import RequestError, TensorError
 from tpm_faas.registry import ModelInfo
 from tpm_faas.runtime import model_store
+from tpm_faas.runtime.scheduler import sample
 from tpm_faas.tokenizer import ByteTokenizer
+
+if TYPE_CHECKING:
+    from tpm_faas.runtime.decoder import Decoder
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -81,6 +84,7 @@ class ModelRunner:
         self.layers: list[torch.nn.Module] = list(core.layers)
         self.norm: Any = core.norm
         self.lm_head: Any = model.lm_head
+        self.decoder: Decoder | None = None
 
     @classmethod
     def load(cls, name: str, model_dir: Path, *, dtype: str, tp_size: int) -> ModelRunner:
@@ -122,64 +126,23 @@ class ModelRunner:
         )
         return cls(module, info, extras)
 
-    # -- query -----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(self, body: dict[str, Any]) -> dict[str, Any]:
-        out = []
-        for i, prompt in enumerate(body["prompts"]):
-            ids = self.tok.encode(prompt)
-            t0 = time.perf_counter()
-            new, logprobs = self._decode(
-                ids,
-                max_new_tokens=int(body["max_new_tokens"]),
-                temperature=float(body["temperature"]),
-                top_p=float(body["top_p"]),
-                seed=int(body["seed"]) + i,
-                stop_at_eos=bool(body["stop_at_eos"]),
-            )
-            dt = time.perf_counter() - t0
-            item: dict[str, Any] = {
-                "text": self.tok.decode(new),
-                "token_ids": new,
-                "prompt_tokens": len(ids),
-                "completion_tokens": len(new),
-                "seconds": round(dt, 4),
-            }
-            if body.get("logprobs"):
-                item["logprobs"] = [
-                    {"token": self.tok.token_str(t), "id": t, "logprob": lp}
-                    for t, lp in zip(new, logprobs, strict=True)
-                ]
-            out.append(item)
-        return {"completions": out}
+    # -- query: the serving decoder (batched by the scheduler on rank 0) --------------------
+    def attach_decoder(self, *, slots: int, max_len: int | None = None) -> Decoder:
+        """Allocate the static KV cache and the decoder that serves generation."""
+        from tpm_faas.runtime.decoder import Decoder
 
-    def _decode(
-        self,
-        ids: list[int],
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        seed: int,
-        stop_at_eos: bool,
-    ) -> tuple[list[int], list[float]]:
-        from transformers import DynamicCache
+        self.decoder = Decoder(
+            self.model, slots=slots, max_len=min(max_len or 1 << 30, self.info.max_positions)
+        )
+        return self.decoder
 
-        gen = torch.Generator().manual_seed(seed)
-        cache = DynamicCache()
-        inputs = torch.tensor([ids], dtype=torch.long)
-        new: list[int] = []
-        logprobs: list[float] = []
-        for _ in range(max_new_tokens):
-            logits = self.model(input_ids=inputs, past_key_values=cache, use_cache=True).logits
-            logp = torch.log_softmax(logits[0, -1].float(), dim=-1)
-            nxt = sample(logp, temperature, top_p, gen)
-            new.append(nxt)
-            logprobs.append(float(logp[nxt]))
-            if stop_at_eos and nxt == self.tok.eos_id:
-                break
-            inputs = torch.tensor([[nxt]], dtype=torch.long)
-        return new, logprobs
+    def run_plan(self, plan: dict[str, Any]) -> torch.Tensor:
+        """Run one scheduler plan (``prefill`` or ``decode``) on this rank."""
+        if self.decoder is None:
+            raise RuntimeError("no decoder attached")
+        if plan["op"] == "prefill":
+            return self.decoder.prefill(int(plan["slot"]), list(plan["ids"]))
+        return self.decoder.decode(plan["slots"], plan["tokens"], plan["positions"])
 
     # -- embed -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -323,19 +286,6 @@ class ModelRunner:
             offset[0] += inputs.shape[1]
             inputs = torch.tensor([[nxt]], dtype=torch.long)
         return new
-
-
-def sample(logp: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """Greedy when ``temperature`` is 0; otherwise temperature and nucleus (top-p) sampling."""
-    if temperature <= 0.0:
-        return int(torch.argmax(logp))
-    probs = torch.softmax(logp / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
-        keep[0] = True
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 @contextmanager

@@ -1,0 +1,166 @@
+"""Iteration-level batching on the real demo model (in process): batched equals alone.
+
+The decoder and scheduler run exactly as in rank 0 of a shard group, minus the socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from tpm_faas.config import BUNDLED_MODELS
+from tpm_faas.runtime.decoder import Decoder
+from tpm_faas.runtime.scheduler import Scheduler
+from tpm_faas.tokenizer import ByteTokenizer
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "And God said, Let there be",
+    "In the beginning",
+    "And Abraham",
+    "And it came to pass after these things, that God did tempt",
+    "Now the serpent",
+    "And Jacob",
+    "And the LORD said unto Moses",
+    "These are the generations",
+]
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(
+        BUNDLED_MODELS / "demo-tpm" / "1", dtype=torch.float32
+    ).eval()
+
+
+def make_scheduler(model: Any, slots: int = 8, max_len: int = 512) -> Scheduler:
+    dec = Decoder(model, slots=slots, max_len=max_len)
+
+    def run_plan(plan: dict[str, Any]) -> torch.Tensor:
+        if plan["op"] == "prefill":
+            return dec.prefill(plan["slot"], plan["ids"])
+        return dec.decode(plan["slots"], plan["tokens"], plan["positions"])
+
+    return Scheduler(run_plan, slots=slots, max_len=max_len)
+
+
+def body(prompt: str, n: int = 24, **kw: Any) -> dict[str, Any]:
+    return {"prompts": [prompt], "max_new_tokens": n, "logprobs": True, **kw}
+
+
+def drain(s: Scheduler, replies: dict[Any, dict[str, Any]], steps: int | None = None) -> None:
+    done = 0
+    while s.busy and (steps is None or done < steps):
+        replies.update(s.step())
+        done += 1
+
+
+def alone(model: Any, b: dict[str, Any]) -> dict[str, Any]:
+    s = make_scheduler(model)
+    s.submit("k", "r", b)
+    out: dict[Any, dict[str, Any]] = {}
+    drain(s, out)
+    return out["k"]
+
+
+def ids_of(reply: dict[str, Any]) -> list[list[int]]:
+    return [c["token_ids"] for c in reply["result"]["completions"]]
+
+
+def test_decoder_matches_transformers_forward(model: Any) -> None:
+    tok = ByteTokenizer()
+    dec = Decoder(model, slots=2, max_len=128)
+    ids = tok.encode(PROMPTS[0])
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids])).logits[0]
+        got = dec.prefill(1, ids[:-1])
+        torch.testing.assert_close(got[0], ref[-2], rtol=1e-4, atol=1e-4)
+        # One decode step at the next position gives the forward's last logits.
+        step = dec.decode([1], [ids[-1]], [len(ids) - 1])
+    torch.testing.assert_close(step[0], ref[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_batched_greedy_equals_alone(model: Any) -> None:
+    want = {p: ids_of(alone(model, body(p))) for p in PROMPTS}
+    s = make_scheduler(model)
+    for p in PROMPTS:
+        s.submit(p, p, body(p))
+    got: dict[Any, dict[str, Any]] = {}
+    drain(s, got)
+    for p in PROMPTS:
+        assert ids_of(got[p]) == want[p], p
+        assert got[p]["result"]["timing"]["max_batch"] == len(PROMPTS)
+
+
+def test_requests_join_and_leave_at_step_boundaries(model: Any) -> None:
+    s = make_scheduler(model, slots=3)
+    got: dict[Any, dict[str, Any]] = {}
+    s.submit("short", "a", body(PROMPTS[0], n=4))
+    s.submit("long", "b", body(PROMPTS[1], n=30))
+    drain(s, got, steps=6)
+    assert "short" in got and "long" not in got  # the short one left; the long one runs on
+    for p in PROMPTS[2:6]:  # more than the free slots: they queue, then join
+        s.submit(p, p, body(p, n=12))
+    drain(s, got)
+    assert ids_of(got["long"]) == ids_of(alone(model, body(PROMPTS[1], n=30)))
+    for p in PROMPTS[2:6]:
+        assert ids_of(got[p]) == ids_of(alone(model, body(p, n=12))), p
+        assert got[p]["result"]["timing"]["queue_s"] >= 0
+
+
+def test_sampling_is_per_request_and_seeded(model: Any) -> None:
+    sampled = body(PROMPTS[0], n=16, temperature=1.0, top_p=0.9, seed=7)
+    s = make_scheduler(model)
+    s.submit("greedy", "g", body(PROMPTS[0], n=16))
+    s.submit("sampled", "s", sampled)
+    got: dict[Any, dict[str, Any]] = {}
+    drain(s, got)
+    assert ids_of(got["sampled"]) == ids_of(alone(model, sampled))
+    assert ids_of(got["greedy"]) == ids_of(alone(model, body(PROMPTS[0], n=16)))
+    assert ids_of(got["greedy"]) != ids_of(got["sampled"])
+
+
+@pytest.mark.parametrize(
+    "bad,code",
+    [
+        ({"top_p": 0.0}, "bad_request"),
+        ({"temperature": -1.0}, "bad_request"),
+        ({"max_new_tokens": 600}, "limit_exceeded"),
+    ],
+)
+def test_bad_request_fails_alone(model: Any, bad: dict[str, Any], code: str) -> None:
+    s = make_scheduler(model)
+    s.submit("good", "g", body(PROMPTS[2], n=8))
+    s.submit("bad", "b", {**body(PROMPTS[0]), **bad})
+    got: dict[Any, dict[str, Any]] = {}
+    drain(s, got)
+    assert got["bad"]["ok"] is False and got["bad"]["error"]["code"] == code
+    assert ids_of(got["good"]) == ids_of(alone(model, body(PROMPTS[2], n=8)))
+
+
+def test_a_failing_model_call_fails_only_its_request(model: Any) -> None:
+    inner = make_scheduler(model)
+    calls: list[str] = []
+
+    def flaky(plan: dict[str, Any], run: Callable[[dict[str, Any]], torch.Tensor]) -> torch.Tensor:
+        calls.append(plan["op"])
+        if plan["op"] == "prefill" and plan["ids"] == ByteTokenizer().encode("boom"):
+            raise MemoryError("out of memory while prefilling")
+        return run(plan)
+
+    run = inner.run_plan
+    inner.run_plan = lambda plan: flaky(plan, run)
+    inner.submit("boom", "x", body("boom"))
+    inner.submit("fine", "y", body(PROMPTS[0], n=8))
+    got: dict[Any, dict[str, Any]] = {}
+    drain(inner, got)
+    assert got["boom"]["ok"] is False and "out of memory" in got["boom"]["error"]["message"]
+    assert ids_of(got["fine"]) == ids_of(alone(model, body(PROMPTS[0], n=8)))
+    assert not inner.busy

@@ -1,0 +1,274 @@
+"""Iteration-level batching of generation requests on rank 0.
+
+Requests are split into sequences (one per prompt) that wait for a free cache slot. Each
+:meth:`Scheduler.step` admits waiting sequences into free slots (one prefill each, which also
+gives the sequence its first token), then runs **one** decode step for every running sequence
+together, whatever their lengths, and retires the ones that finished. New requests therefore
+join at the next decode-step boundary and finished ones leave at once.
+
+Every model call goes through ``run_plan`` (a JSON-able plan: ``prefill`` or ``decode``), so
+rank 0 can broadcast it to the other tensor-parallel ranks before running it itself. Sampling
+happens on rank 0 only (per sequence, with its own seeded generator); the other ranks receive
+the chosen tokens in the next plan.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tpm_faas.errors import LimitExceeded, RequestError, TPMError
+from tpm_faas.tokenizer import ByteTokenizer
+
+Plan = dict[str, Any]
+
+
+@dataclass
+class _Request:
+    key: Any
+    request_id: str
+    body: dict[str, Any]
+    enqueued: float
+    seqs: list[_Sequence] = field(default_factory=list)
+    error: TPMError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or all(s.done for s in self.seqs)
+
+
+@dataclass
+class _Sequence:
+    request: _Request
+    index: int
+    ids: list[int]
+    max_new: int
+    temperature: float
+    top_p: float
+    gen: torch.Generator
+    stop_at_eos: bool
+    slot: int = -1
+    new: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    started: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
+    max_batch: int = 0
+    done: bool = False
+
+    @property
+    def position(self) -> int:
+        """Where the next token fed to the model goes."""
+        return len(self.ids) + len(self.new) - 1
+
+
+class Scheduler:
+    """Batches generation requests over the slots of a :class:`~.decoder.Decoder`.
+
+    :param run_plan: runs a plan on every rank and returns rank 0's logits
+    :param slots: the decoder's slots (the largest decode batch)
+    :param max_len: tokens per slot
+    :param max_batch: at most this many sequences decode together (at most ``slots``)
+    """
+
+    def __init__(
+        self,
+        run_plan: Callable[[Plan], torch.Tensor],
+        *,
+        slots: int,
+        max_len: int,
+        max_batch: int | None = None,
+        eos_id: int = ByteTokenizer().eos_id,
+    ) -> None:
+        self.run_plan = run_plan
+        self.max_len = max_len
+        self.max_batch = min(max_batch or slots, slots)
+        self.eos_id = eos_id
+        self.tok = ByteTokenizer()
+        self._free = list(range(self.max_batch))
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._requests: list[_Request] = []
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is waiting or running."""
+        return bool(self._requests)
+
+    @property
+    def oldest_wait_s(self) -> float:
+        """How long the oldest waiting sequence has waited (0 when none waits)."""
+        if not self._waiting:
+            return 0.0
+        return time.perf_counter() - self._waiting[0].request.enqueued
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def submit(self, key: Any, request_id: str, body: dict[str, Any]) -> None:
+        """Queue a generation request; bad settings fail it alone at the next step."""
+        req = _Request(key, request_id, body, time.perf_counter())
+        self._requests.append(req)
+        try:
+            req.seqs = list(self._sequences(req))
+        except TPMError as e:
+            req.error = e
+            return
+        self._waiting.extend(req.seqs)
+
+    def _sequences(self, req: _Request) -> list[_Sequence]:
+        b = req.body
+        prompts = b.get("prompts")
+        if not isinstance(prompts, list) or not prompts:
+            raise RequestError("'prompts' must be a non-empty list of strings")
+        max_new = int(b.get("max_new_tokens", 0))
+        temperature = float(b.get("temperature", 0.0))
+        top_p = float(b.get("top_p", 1.0))
+        if max_new < 1:
+            raise RequestError(f"max_new_tokens must be at least 1, got {max_new}")
+        if not (temperature >= 0.0 and temperature == temperature):
+            raise RequestError(f"temperature must be >= 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {top_p}")
+        seqs = []
+        for i, prompt in enumerate(prompts):
+            ids = self.tok.encode(str(prompt))
+            if len(ids) + max_new > self.max_len:
+                raise LimitExceeded(
+                    f"prompts[{i}] ({len(ids)} tokens) plus max_new_tokens ({max_new}) exceeds "
+                    f"the serving context of {self.max_len} tokens"
+                )
+            seqs.append(
+                _Sequence(
+                    request=req,
+                    index=i,
+                    ids=ids,
+                    max_new=max_new,
+                    temperature=temperature,
+                    top_p=top_p,
+                    gen=torch.Generator().manual_seed(int(b.get("seed", 0)) + i),
+                    stop_at_eos=bool(b.get("stop_at_eos", True)),
+                )
+            )
+        return seqs
+
+    # -- one iteration ---------------------------------------------------------------------
+    def step(self) -> list[tuple[Any, dict[str, Any]]]:
+        """Admit, prefill and decode once; returns ``(key, reply)`` of finished requests."""
+        while self._waiting and self._free:
+            seq = self._waiting.popleft()
+            if seq.request.error is not None:
+                continue
+            seq.slot = self._free.pop(0)
+            seq.started = time.perf_counter()
+            try:
+                logits = self.run_plan({"op": "prefill", "slot": seq.slot, "ids": seq.ids})
+            except Exception as e:  # this request fails alone
+                self._fail(seq.request, e)
+                continue
+            self._running.append(seq)
+            self._accept(seq, logits[0])
+        active = [s for s in self._running if not s.done]
+        if active:
+            plan = {
+                "op": "decode",
+                "slots": [s.slot for s in active],
+                "tokens": [s.new[-1] for s in active],
+                "positions": [s.position for s in active],
+            }
+            try:
+                logits = self.run_plan(plan)
+            except Exception as e:
+                for s in active:
+                    self._fail(s.request, e)
+            else:
+                for row, s in enumerate(active):
+                    s.max_batch = max(s.max_batch, len(active))
+                    self._accept(s, logits[row])
+        return self._retire()
+
+    def _accept(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nxt = sample(logp, seq.temperature, seq.top_p, seq.gen)
+        now = time.perf_counter()
+        if not seq.new:
+            seq.first_token = now
+        seq.new.append(nxt)
+        seq.logprobs.append(float(logp[nxt]))
+        if (
+            len(seq.new) >= seq.max_new
+            or (seq.stop_at_eos and nxt == self.eos_id)
+            or seq.position + 1 >= self.max_len
+        ):
+            seq.done, seq.finished = True, now
+
+    def _fail(self, req: _Request, e: Exception) -> None:
+        if req.error is None:
+            req.error = (
+                e
+                if isinstance(e, TPMError)
+                else TPMError(f"the shard group failed the request: {type(e).__name__}: {e}")
+            )
+
+    def _retire(self) -> list[tuple[Any, dict[str, Any]]]:
+        out = []
+        for req in [r for r in self._requests if r.done]:
+            self._requests.remove(req)
+            for s in req.seqs:
+                if s in self._running:
+                    self._running.remove(s)
+                if s.slot >= 0:
+                    self._free.append(s.slot)
+                    s.slot = -1
+            if req.error is not None:
+                self._waiting = deque(s for s in self._waiting if s.request is not req)
+                out.append((req.key, {"ok": False, "error": req.error.to_record(req.request_id)}))
+            else:
+                out.append((req.key, {"ok": True, "result": self._result(req)}))
+        self._free.sort()
+        return out
+
+    def _result(self, req: _Request) -> dict[str, Any]:
+        completions = []
+        for s in req.seqs:
+            item: dict[str, Any] = {
+                "text": self.tok.decode(s.new),
+                "token_ids": s.new,
+                "prompt_tokens": len(s.ids),
+                "completion_tokens": len(s.new),
+                "seconds": round(s.finished - req.enqueued, 6),
+            }
+            if req.body.get("logprobs"):
+                item["logprobs"] = [
+                    {"token": self.tok.token_str(t), "id": t, "logprob": lp}
+                    for t, lp in zip(s.new, s.logprobs, strict=True)
+                ]
+            completions.append(item)
+        decode_tokens = sum(len(s.new) - 1 for s in req.seqs)
+        decode_s = max(s.finished for s in req.seqs) - min(s.first_token for s in req.seqs)
+        timing = {
+            "queue_s": round(max(s.started for s in req.seqs) - req.enqueued, 6),
+            "ttft_s": round(max(s.first_token for s in req.seqs) - req.enqueued, 6),
+            "decode_tok_s": round(decode_tokens / decode_s, 2) if decode_s > 0 else None,
+            "max_batch": max(s.max_batch for s in req.seqs),
+        }
+        return {"completions": completions, "timing": timing}
+
+
+def sample(logp: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """Greedy when ``temperature`` is 0; otherwise temperature and nucleus (top-p) sampling."""
+    if temperature <= 0.0:
+        return int(torch.argmax(logp))
+    probs = torch.softmax(logp / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
