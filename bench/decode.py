@@ -1,0 +1,196 @@
+"""Decode throughput of the serving runtime against ``transformers`` ``generate()``, same run.
+
+For each model (the trained demo model, and a random-weight Llama of tens of millions of
+parameters) and dtype, on this machine's CPU:
+
+* **HF generate, batch 1**: ``model.generate`` greedy, ``max_new_tokens`` forced (baseline);
+* **ours, batch 1**: one request through the scheduler and decoder that rank 0 runs;
+* **ours, one by one**: 8 requests served sequentially (the serial baseline for batching);
+* **ours, 8 concurrent**: the same 8 requests submitted together (iteration-level batching).
+
+Figures are generated tokens per second (prefill included, as a user sees it), best of
+``--repeats``. Ratios: ours b1 / HF b1 (target >= 1.0) and 8 concurrent / one by one (target
+>= 2). Prints a table and writes JSON (``--out``). GPU rows need a CUDA device and are skipped
+here otherwise.
+
+    python bench/decode.py [--tokens 64] [--repeats 3] [--out bench/out/decode.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from tpm_faas.config import BUNDLED_MODELS
+from tpm_faas.runtime.decoder import Decoder
+from tpm_faas.runtime.scheduler import Scheduler
+from tpm_faas.tokenizer import ByteTokenizer
+
+PROMPTS = [
+    "And God said, Let there be light: and there was light.",
+    "In the beginning God created the heaven and the earth.",
+    "And Abraham rose up early in the morning,",
+    "And it came to pass after these things, that God did tempt Abraham,",
+    "Now the serpent was more subtil than any beast of the field",
+    "And Jacob went out from Beersheba, and went toward Haran.",
+    "These are the generations of the sons of Noah, Shem, Ham, and Japheth:",
+    "And the LORD said unto Noah, Come thou and all thy house into the ark;",
+]
+
+
+def random_llama(dtype: torch.dtype) -> Any:
+    """A Llama of about 38M parameters with random weights (byte vocabulary)."""
+    tok = ByteTokenizer()
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def demo_model(dtype: torch.dtype) -> Any:
+    return AutoModelForCausalLM.from_pretrained(
+        BUNDLED_MODELS / "demo-tpm" / "1", dtype=dtype
+    ).eval()
+
+
+def best(fn: Any, repeats: int) -> float:
+    fn()  # warm
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure(model: Any, tokens: int, repeats: int) -> dict[str, float]:
+    tok = ByteTokenizer()
+    ids = tok.encode(PROMPTS[0])
+    n = len(PROMPTS)
+
+    @torch.inference_mode()
+    def hf_b1() -> None:
+        model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_id,
+        )
+
+    dec = Decoder(model, slots=n, max_len=512)
+
+    def run_plan(plan: dict[str, Any]) -> torch.Tensor:
+        if plan["op"] == "prefill":
+            return dec.prefill(plan["slot"], plan["ids"])
+        return dec.decode(plan["slots"], plan["tokens"], plan["positions"])
+
+    sched = Scheduler(run_plan, slots=n, max_len=512)
+
+    def serve(prompts: list[str]) -> None:
+        for i, p in enumerate(prompts):
+            body = {"prompts": [p], "max_new_tokens": tokens, "stop_at_eos": False}
+            sched.submit(i, str(i), body)
+        while sched.busy:
+            sched.step()
+
+    t_hf = best(hf_b1, repeats)
+    t_b1 = best(lambda: serve(PROMPTS[:1]), repeats)
+    t_serial = best(lambda: [serve([p]) for p in PROMPTS], repeats)
+    t_conc = best(lambda: serve(PROMPTS), repeats)
+    return {
+        "hf_generate_b1_tok_s": tokens / t_hf,
+        "ours_b1_tok_s": tokens / t_b1,
+        "ours_one_by_one_tok_s": n * tokens / t_serial,
+        "ours_8_concurrent_tok_s": n * tokens / t_conc,
+        "ratio_b1_vs_hf": t_hf / t_b1,
+        "ratio_concurrent_vs_one_by_one": t_serial / t_conc,
+        "ratio_concurrent_vs_hf_serial": n * t_hf / t_conc,
+    }
+
+
+def run(tokens: int, repeats: int) -> dict[str, Any]:
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = []
+    cases = [
+        ("demo-tpm@1 (3.1M)", demo_model, torch.float32),
+        ("demo-tpm@1 (3.1M)", demo_model, torch.bfloat16),
+        ("random Llama (38M)", random_llama, torch.float32),
+    ]
+    for name, make, dtype in cases:
+        model = make(dtype)
+        params = sum(p.numel() for p in model.parameters())
+        row = {"model": name, "parameters": params, "dtype": str(dtype).removeprefix("torch.")}
+        row.update(measure(model, tokens, repeats))
+        rows.append(row)
+        print(f"  measured {name} {row['dtype']}", flush=True)
+    return {
+        "benchmark": "decode",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": f"CPU: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads",
+        "gpu": "skipped: no CUDA device" if not torch.cuda.is_available() else "not run",
+        "tokens": tokens,
+        "repeats": repeats,
+        "versions": {
+            "python": platform.python_version(),
+            **{d: version(d) for d in ("tpm-faas", "torch", "transformers", "deepspeed")},
+        },
+        "rows": rows,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    head = (
+        f"{'model':<20} {'dtype':<9} {'HF b1':>8} {'ours b1':>8} {'x HF':>6} "
+        f"{'1-by-1':>8} {'8 conc':>8} {'x 1-by-1':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['model']:<20} {r['dtype']:<9} {r['hf_generate_b1_tok_s']:>8.0f} "
+            f"{r['ours_b1_tok_s']:>8.0f} {r['ratio_b1_vs_hf']:>6.2f} "
+            f"{r['ours_one_by_one_tok_s']:>8.0f} {r['ours_8_concurrent_tok_s']:>8.0f} "
+            f"{r['ratio_concurrent_vs_one_by_one']:>9.2f}"
+        )
+    lines.append("(tok/s; 'x HF' and 'x 1-by-1' are ratios measured in this run)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("bench/out/decode.json"))
+    a = p.parse_args(argv)
+    result = run(a.tokens, a.repeats)
+    print(table(result))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
