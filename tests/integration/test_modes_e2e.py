@@ -112,3 +112,22 @@ def test_ledger_records_every_charge_and_no_open_hold(site: EmbeddedSite) -> Non
     assert ledger.open_holds() == []
     assert r.request_id in {row["request_id"] for row in ledger.charges("demo")}
     ledger.close()
+
+
+def test_served_model_matches_the_checkpoint(site: EmbeddedSite) -> None:
+    """The shard group (meta init + shard loading + our decoder) generates exactly what plain
+    ``transformers`` generates from the same checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tpm_faas.config import BUNDLED_MODELS
+    from tpm_faas.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    ref = AutoModelForCausalLM.from_pretrained(BUNDLED_MODELS / "demo-tpm" / "1").eval()
+    ids = tok.encode(PROMPT)
+    out = ref.generate(
+        torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_id
+    )
+    served = site.client().generate(PROMPT, max_new_tokens=32).output["completions"][0]
+    assert served["token_ids"] == out[0, len(ids) :].tolist()

@@ -141,3 +141,13 @@ def test_concurrent_requests_batch_across_ranks(site: EmbeddedSite, tp2: ShardCl
         alone = one.call("generate", body(p))
         assert r["completions"][0]["token_ids"] == alone["completions"][0]["token_ids"], p
     assert max(r["timing"]["max_batch"] for r in together) > 1
+
+
+def test_each_rank_reads_only_its_shard(site: EmbeddedSite, tp2: ShardClient) -> None:
+    whole = _tp1(site).ping()["memory"]
+    halves = tp2.ping()["memory"]
+    assert [m["rank"] for m in halves] == [0, 1] and len(whole) == 1
+    for m in halves:
+        # Only the replicated embedding and norms are read twice.
+        assert m["weights_mb"] < 0.6 * whole[0]["weights_mb"], (m, whole)
+        assert m["peak_rss_mb"] > 0

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tpm_faas.errors import UnknownModel
+from tpm_faas.errors import ConfigError, UnknownModel
 
 
 def resolve(model: str, roots: Sequence[Path]) -> Path:
@@ -53,3 +56,146 @@ def card(model_dir: Path) -> dict[str, Any]:
     data.setdefault("adapters", {})
     data.setdefault("heads", {})
     return data
+
+
+#: safetensors dtype names -> torch dtype names.
+_ST_DTYPES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+_MAX_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies in a safetensors file."""
+
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensor table of a safetensors file (read with plain file I/O; nothing is mapped)."""
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= _MAX_HEADER:
+            raise ConfigError(f"{path} is not a safetensors file (header of {n} bytes)")
+        header = json.loads(f.read(n))
+    base = 8 + n
+    out = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        if e["dtype"] not in _ST_DTYPES:
+            raise ConfigError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
+        a, b = e["data_offsets"]
+        out[name] = TensorEntry(path, _ST_DTYPES[e["dtype"]], tuple(e["shape"]), base + a, base + b)
+    return out
+
+
+def weight_files(model_dir: Path) -> dict[str, TensorEntry]:
+    """Every tensor of the ``model*.safetensors`` files of a version (extras excluded)."""
+    out: dict[str, TensorEntry] = {}
+    for path in sorted(model_dir.glob("model*.safetensors")):
+        out.update(read_header(path))
+    return out
+
+
+def read_tensor(entry: TensorEntry, dim: int | None = None, start: int = 0, length: int = 0) -> Any:
+    """Read a tensor, or ``length`` indices from ``start`` along ``dim``, with ``os.pread``.
+
+    Plain reads, not a memory map: a rank's resident memory holds what it keeps and nothing
+    of the file, and a shard along dimension 1 reads each row's piece without touching the
+    rest of the row's bytes in this process.
+    """
+    import torch
+
+    dtype = getattr(torch, entry.dtype)
+    item = torch.empty((), dtype=dtype).element_size()
+    shape = list(entry.shape) or [1]  # a scalar reads as one element
+    if dim is None:
+        dim, start, length = 0, 0, shape[0]
+    if start < 0 or length < 0 or start + length > shape[dim]:
+        raise ConfigError(f"slice {start}:{start + length} of dim {dim} is outside {shape}")
+    outer = math.prod(shape[:dim])
+    inner = math.prod(shape[dim + 1 :]) * item  # bytes of one index along ``dim``
+    chunk, stride = length * inner, shape[dim] * inner
+    out = bytearray(outer * chunk)
+    fd = os.open(entry.path, os.O_RDONLY)
+    try:
+        for o in range(outer if chunk else 0):  # one contiguous piece per outer index
+            view = memoryview(out)[o * chunk : (o + 1) * chunk]
+            if os.preadv(fd, [view], entry.begin + o * stride + start * inner) != chunk:
+                raise ConfigError(f"{entry.path} ended early reading a tensor")
+    finally:
+        os.close(fd)
+    new_shape = [*shape[:dim], length, *shape[dim + 1 :]] if entry.shape else []
+    if not out:
+        return torch.empty(new_shape, dtype=dtype)
+    return torch.frombuffer(out, dtype=dtype).reshape(new_shape)
+
+
+def load_shard(module: Any, model_dir: Path, *, rank: int, tp_size: int) -> int:
+    """Fill ``module``'s parameters with this rank's share of the checkpoint; returns bytes read.
+
+    ``module`` was built on the meta device and sharded by AutoTP, so each parameter already
+    has its local shape. A parameter whose shape differs from the checkpoint's along one
+    dimension is a shard along it; its offset is the sum of the lower ranks' sizes (gathered
+    from the group, so any split AutoTP chose is read exactly). Only those rows or columns
+    are read from the safetensors files: no rank ever holds the whole model.
+    """
+    import torch
+
+    entries = weight_files(model_dir)
+    params = dict(module.named_parameters())
+    missing = sorted(set(params) - set(entries))
+    if missing:
+        raise ConfigError(f"checkpoint {model_dir} lacks tensors: {', '.join(missing[:5])}")
+    split: dict[str, int] = {}
+    for name, p in params.items():
+        full = entries[name].shape
+        dims = [d for d in range(p.dim()) if p.shape[d] != full[d]] if len(full) == p.dim() else []
+        if len(full) != p.dim() or len(dims) > 1:
+            raise ConfigError(f"{name}: local shape {list(p.shape)} vs checkpoint {list(full)}")
+        if dims:
+            split[name] = dims[0]
+    offsets = _shard_offsets(
+        [params[n].shape[d] for n, d in split.items()], rank=rank, tp_size=tp_size
+    )
+    start_of = dict(zip(split, offsets, strict=True))
+    nbytes = 0
+    with torch.no_grad():
+        for name, p in params.items():
+            if name in split:
+                d = split[name]
+                t = read_tensor(entries[name], d, start_of[name], p.shape[d])
+            else:
+                t = read_tensor(entries[name])
+            p.data = t.to(p.dtype)
+            nbytes += t.numel() * t.element_size()
+    return nbytes
+
+
+def _shard_offsets(local_sizes: list[int], *, rank: int, tp_size: int) -> list[int]:
+    """Where this rank's shard starts, per split tensor: the sum of lower ranks' sizes."""
+    if tp_size == 1 or not local_sizes:
+        return [0] * len(local_sizes)
+    import torch
+    import torch.distributed as dist
+
+    mine = torch.tensor(local_sizes, dtype=torch.int64)
+    every = [torch.zeros_like(mine) for _ in range(tp_size)]
+    dist.all_gather(every, mine)
+    below = torch.stack(every[:rank]).sum(0) if rank else torch.zeros_like(mine)
+    return [int(x) for x in below]

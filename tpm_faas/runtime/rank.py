@@ -73,12 +73,13 @@ def serve_rank(
         # DeepSpeed's CPU shared-memory all-reduce segfaults in fp32 on CPUs without AVX-512.
         deepspeed.comm.comm.cdb.shm_vector_kernel_level = 0
     runner = ModelRunner.load(model, Path(model_dir), dtype=dtype, tp_size=tp_size)
+    memory = _gather_memory(runner.weight_bytes, tp_size)  # before the KV cache is allocated
     runner.attach_decoder(slots=max_batch)
     served = 0
     if rank == 0:
-        served = _Rank0(runner, tp_size, max_batch, max_wait_ms / 1000).serve(
-            Registry(Path(registry_dir))
-        )
+        rank0 = _Rank0(runner, tp_size, max_batch, max_wait_ms / 1000)
+        rank0.memory = memory
+        served = rank0.serve(Registry(Path(registry_dir)))
     else:
         while True:
             msg = _recv_broadcast(None)
@@ -95,6 +96,40 @@ def serve_rank(
         dist.barrier()
         dist.destroy_process_group()
     return {"rank": rank, "served": served}
+
+
+def _gather_memory(weight_bytes: int, tp_size: int) -> list[dict[str, float]]:
+    """Every rank's peak resident memory and checkpoint bytes read, after loading."""
+    import resource
+
+    import torch
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    mine = torch.tensor([peak_mb, weight_bytes / 2**20, _rss_mb()], dtype=torch.float64)
+    every = [mine]
+    if tp_size > 1:
+        import torch.distributed as dist
+
+        every = [torch.zeros_like(mine) for _ in range(tp_size)]
+        dist.all_gather(every, mine)
+    return [
+        {
+            "rank": r,
+            "peak_rss_mb": round(float(t[0]), 1),
+            "rss_mb": round(float(t[2]), 1),
+            "weights_mb": round(float(t[1]), 2),
+        }
+        for r, t in enumerate(every)
+    ]
+
+
+def _rss_mb() -> float:
+    """Resident memory of this process now (MiB), from ``/proc/self/statm``."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 class _Rank0:
@@ -117,6 +152,7 @@ class _Rank0:
             max_batch=max_batch,
         )
         self.served = 0
+        self.memory: list[dict[str, float]] = []
 
     def _collective(self, msg: dict[str, Any]) -> Any:
         """Run ``msg`` on every rank (broadcast first); return rank 0's result."""
@@ -199,6 +235,7 @@ class _Rank0:
                 "address": self.address,
                 "running": self.scheduler.running,
                 "max_batch": self.scheduler.max_batch,
+                "memory": self.memory,
             }
             return {"ok": True, "result": result}
         if op not in RANK_OPS:

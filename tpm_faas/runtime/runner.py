@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ class ModelRunner:
         self.norm: Any = core.norm
         self.lm_head: Any = model.lm_head
         self.decoder: Decoder | None = None
+        #: Bytes of checkpoint this rank read (its shard plus the replicated tensors).
+        self.weight_bytes = 0
 
     @classmethod
     def load(cls, name: str, model_dir: Path, *, dtype: str, tp_size: int) -> ModelRunner:
@@ -93,7 +96,10 @@ class ModelRunner:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(model_dir)
-        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        # Built on the meta device: AutoTP gives each layer its local shape, then only this
+        # rank's rows or columns are read from the checkpoint (model_store.load_shard).
+        with torch.device("meta"):
+            model: Any = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
         model.eval()
         engine = deepspeed.init_inference(
             model,
@@ -102,6 +108,14 @@ class ModelRunner:
             replace_with_kernel_inject=False,
         )
         module: Any = engine.module
+        rank = int(os.environ.get("RANK", "0"))
+        weight_bytes = model_store.load_shard(module, model_dir, rank=rank, tp_size=tp_size)
+        # Buffers are not in the checkpoint: rebuild the rotary tables for real.
+        rotary = module.model.rotary_emb
+        module.model.rotary_emb = type(rotary)(config=config)
+        for mname, buf in module.named_buffers():
+            if buf.is_meta:
+                raise RuntimeError(f"buffer {mname} was left on the meta device")
         meta = model_store.card(model_dir)
         extras: dict[str, LinearExtra] = {}
         extras_path = model_dir / "extras.safetensors"
@@ -124,7 +138,9 @@ class ModelRunner:
             adapters=dict(meta["adapters"]),
             heads=dict(meta["heads"]),
         )
-        return cls(module, info, extras)
+        runner = cls(module, info, extras)
+        runner.weight_bytes = weight_bytes
+        return runner
 
     # -- query: the serving decoder (batched by the scheduler on rank 0) --------------------
     def attach_decoder(self, *, slots: int, max_len: int | None = None) -> Decoder:
