@@ -133,6 +133,8 @@ class ShardGroup:
         return ShardClient(self.entry.address)
 
     def healthy(self) -> bool:
+        """Every rank is alive and rank 0 answers a ping (a rank that exited or died makes the
+        group unhealthy: the others would stall in their next collective)."""
         if self.entry is None or any(f.done() for f in self._futures):
             return False
         try:
@@ -140,6 +142,12 @@ class ShardGroup:
         except TPMError:
             return False
         return True
+
+    def restart(self, *, timeout_s: float = 300.0, progress: Any = None) -> GroupEntry:
+        """Stop what is left of the group (a dead rank stalls the others) and start it anew."""
+        _say(progress, f"restarting {self.model} (tp={self.tp_size})")
+        self.stop(timeout_s=10.0)
+        return self.start(timeout_s=timeout_s, progress=progress)
 
     def stop(self, *, timeout_s: float = 60.0) -> None:
         """Ask rank 0 to stop every rank, wait for them, and shut Parsl down."""

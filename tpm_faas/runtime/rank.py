@@ -98,14 +98,16 @@ def serve_rank(
     return {"rank": rank, "served": served}
 
 
-def _gather_memory(weight_bytes: int, tp_size: int) -> list[dict[str, float]]:
-    """Every rank's peak resident memory and checkpoint bytes read, after loading."""
+def _gather_memory(weight_bytes: int, tp_size: int) -> list[dict[str, Any]]:
+    """Every rank's pid, peak resident memory and checkpoint bytes read, after loading."""
     import resource
 
     import torch
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    mine = torch.tensor([peak_mb, weight_bytes / 2**20, _rss_mb()], dtype=torch.float64)
+    mine = torch.tensor(
+        [peak_mb, weight_bytes / 2**20, _rss_mb(), os.getpid()], dtype=torch.float64
+    )
     every = [mine]
     if tp_size > 1:
         import torch.distributed as dist
@@ -115,6 +117,7 @@ def _gather_memory(weight_bytes: int, tp_size: int) -> list[dict[str, float]]:
     return [
         {
             "rank": r,
+            "pid": int(t[3]),
             "peak_rss_mb": round(float(t[0]), 1),
             "rss_mb": round(float(t[2]), 1),
             "weights_mb": round(float(t[1]), 2),
@@ -152,7 +155,7 @@ class _Rank0:
             max_batch=max_batch,
         )
         self.served = 0
-        self.memory: list[dict[str, float]] = []
+        self.memory: list[dict[str, Any]] = []
 
     def _collective(self, msg: dict[str, Any]) -> Any:
         """Run ``msg`` on every rank (broadcast first); return rank 0's result."""
