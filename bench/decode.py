@@ -99,14 +99,7 @@ def measure(model: Any, tokens: int, repeats: int) -> dict[str, float]:
             pad_token_id=tok.pad_id,
         )
 
-    dec = Decoder(model, slots=n, max_len=512)
-
-    def run_plan(plan: dict[str, Any]) -> torch.Tensor:
-        if plan["op"] == "prefill":
-            return dec.prefill(plan["slot"], plan["ids"])
-        return dec.decode(plan["slots"], plan["tokens"], plan["positions"])
-
-    sched = Scheduler(run_plan, slots=n, max_len=512)
+    sched = Scheduler(Decoder(model, slots=n, max_len=512).run_plan, slots=n, max_len=512)
 
     def serve(prompts: list[str]) -> None:
         for i, p in enumerate(prompts):
@@ -130,6 +123,75 @@ def measure(model: Any, tokens: int, repeats: int) -> dict[str, float]:
     }
 
 
+def gpu_rows(tokens: int, repeats: int) -> list[dict[str, Any]]:
+    """Llama-3-8B shape, random bf16 weights, one CUDA device: batch 1 and 16 vs roofline."""
+    cfg = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # Roofline: device-to-device copy bandwidth (read + write) over the weight bytes.
+    buf = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(buf)
+    torch.cuda.synchronize()
+    nbytes = buf.numel()
+
+    def copy() -> None:
+        dst.copy_(buf)
+        torch.cuda.synchronize()
+
+    bandwidth = 2 * nbytes / best(copy, repeats)
+    del buf, dst
+    roofline = bandwidth / weight_bytes
+    ids = ByteTokenizer().encode(PROMPTS[0])
+
+    @torch.inference_mode()
+    def hf_b1() -> None:
+        x = torch.tensor([ids], device="cuda")
+        model.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        torch.cuda.synchronize()
+
+    rows = []
+    t_hf = best(hf_b1, repeats)
+    for batch in (1, 16):
+        dec = Decoder(model, slots=batch, max_len=512, cuda_graphs=True)
+        sched = Scheduler(dec.run_plan, slots=batch, max_len=512)
+
+        def serve(n: int = batch, s: Scheduler = sched) -> None:
+            for i in range(n):
+                body = {"prompts": [PROMPTS[i % len(PROMPTS)]], "max_new_tokens": tokens}
+                s.submit(i, str(i), {**body, "stop_at_eos": False})
+            while s.busy:
+                s.step()
+            torch.cuda.synchronize()
+
+        t = best(serve, repeats)
+        rate = batch * tokens / t
+        rows.append(
+            {
+                "model": "Llama-3-8B shape (random)",
+                "dtype": "bfloat16",
+                "batch": batch,
+                "ours_tok_s": rate,
+                "hf_generate_eager_b1_tok_s": tokens / t_hf,
+                "roofline_b1_tok_s": roofline,
+                "fraction_of_roofline": rate / batch / roofline if batch == 1 else None,
+                "copy_bandwidth_gb_s": bandwidth / 1e9,
+            }
+        )
+        del dec, sched
+    return rows
+
+
 def run(tokens: int, repeats: int) -> dict[str, Any]:
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
@@ -150,7 +212,9 @@ def run(tokens: int, repeats: int) -> dict[str, Any]:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": f"CPU: {platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads",
-        "gpu": "skipped: no CUDA device" if not torch.cuda.is_available() else "not run",
+        "gpu": gpu_rows(tokens, repeats)
+        if torch.cuda.is_available()
+        else "skipped: no CUDA device",
         "tokens": tokens,
         "repeats": repeats,
         "versions": {
@@ -175,6 +239,17 @@ def table(result: dict[str, Any]) -> str:
             f"{r['ratio_concurrent_vs_one_by_one']:>9.2f}"
         )
     lines.append("(tok/s; 'x HF' and 'x 1-by-1' are ratios measured in this run)")
+    if isinstance(result["gpu"], list):
+        for g in result["gpu"]:
+            frac = g["fraction_of_roofline"]
+            lines.append(
+                f"GPU {g['model']} batch {g['batch']}: {g['ours_tok_s']:.0f} tok/s "
+                f"(HF eager b1 {g['hf_generate_eager_b1_tok_s']:.1f}; roofline b1 "
+                f"{g['roofline_b1_tok_s']:.0f}"
+                + (f", {100 * frac:.0f}% of it)" if frac is not None else ")")
+            )
+    else:
+        lines.append(f"GPU: {result['gpu']}")
     return "\n".join(lines)
 
 

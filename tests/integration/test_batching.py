@@ -41,14 +41,7 @@ def model() -> Any:
 
 
 def make_scheduler(model: Any, slots: int = 8, max_len: int = 512) -> Scheduler:
-    dec = Decoder(model, slots=slots, max_len=max_len)
-
-    def run_plan(plan: dict[str, Any]) -> torch.Tensor:
-        if plan["op"] == "prefill":
-            return dec.prefill(plan["slot"], plan["ids"])
-        return dec.decode(plan["slots"], plan["tokens"], plan["positions"])
-
-    return Scheduler(run_plan, slots=slots, max_len=max_len)
+    return make_scheduler_on(Decoder(model, slots=slots, max_len=max_len))
 
 
 def body(prompt: str, n: int = 24, **kw: Any) -> dict[str, Any]:
@@ -164,3 +157,49 @@ def test_a_failing_model_call_fails_only_its_request(model: Any) -> None:
     assert got["boom"]["ok"] is False and "out of memory" in got["boom"]["error"]["message"]
     assert ids_of(got["fine"]) == ids_of(alone(model, body(PROMPTS[0], n=8)))
     assert not inner.busy
+
+
+def test_static_decode_step_equals_dynamic(model: Any) -> None:
+    """The graph-capturable step (slots 0..B-1, whole-cache attention) gives the same logits."""
+    tok = ByteTokenizer()
+    dyn, dense = Decoder(model, slots=4, max_len=96), Decoder(model, slots=4, max_len=96)
+    prompts = PROMPTS[:3]  # slots 0..2 run; slot 3 idle in the bucket of 4
+    last = []
+    for s, p in enumerate(prompts):
+        ids = tok.encode(p)
+        a, b = dyn.prefill(s, ids), dense.prefill(s, ids)
+        torch.testing.assert_close(a, b)
+        last.append(int(a[0].argmax()))
+    pos = [len(tok.encode(p)) for p in prompts]
+    for _ in range(8):
+        a = dyn.decode([0, 1, 2], last, pos)
+        b = dense.decode_dense(torch.tensor([*last, 0]), torch.tensor([*pos, 0]))[:3]
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        last = [int(r.argmax()) for r in a]
+        pos = [q + 1 for q in pos]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_equals_eager() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device: the CUDA-graph decode step is only captured there")
+    from transformers import AutoModelForCausalLM
+
+    m = (
+        AutoModelForCausalLM.from_pretrained(BUNDLED_MODELS / "demo-tpm" / "1", dtype=torch.float32)
+        .cuda()
+        .eval()
+    )
+    s_graph = make_scheduler_on(Decoder(m, slots=8, max_len=256, cuda_graphs=True))
+    s_eager = make_scheduler_on(Decoder(m, slots=8, max_len=256, cuda_graphs=False))
+    got: dict[str, dict[Any, dict[str, Any]]] = {"g": {}, "e": {}}
+    for key, s in (("g", s_graph), ("e", s_eager)):
+        for p in PROMPTS:
+            s.submit(p, p, body(p))
+        drain(s, got[key])
+    for p in PROMPTS:
+        assert ids_of(got["g"][p]) == ids_of(got["e"][p]), p
+
+
+def make_scheduler_on(dec: Decoder) -> Scheduler:
+    return Scheduler(dec.run_plan, slots=dec.slots, max_len=dec.max_len)

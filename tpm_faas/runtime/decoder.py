@@ -13,6 +13,13 @@ is what ``transformers`` cannot do for iteration-level batching:
 
 Rotary tables are computed once for every position with the model's own rotary module, so the
 numbers match the ``transformers`` forward.
+
+On CUDA the decode step runs as a captured CUDA graph per batch bucket (1, 2, 4, ... slots):
+:meth:`Decoder.decode_dense` has static shapes (slots ``0..B-1``, attention over the whole
+cache, masked per slot), so a graph captured once is replayed with new tokens and positions
+copied into its input buffers. Rows of idle slots in the bucket compute garbage that nobody
+reads: a slot's positions are always written (prefill, then each decode) before they are read.
+On CPU the dynamic :meth:`Decoder.decode` (attention only up to the longest sequence) is faster.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ class Decoder:
     :param max_len: tokens per sequence (prompt + generated); at most the model's context
     """
 
-    def __init__(self, model: Any, *, slots: int, max_len: int) -> None:
+    def __init__(
+        self, model: Any, *, slots: int, max_len: int, cuda_graphs: bool | None = None
+    ) -> None:
         cfg = model.config
         core = model.model
         self.model = model
@@ -58,6 +67,16 @@ class Decoder:
         cos, sin = core.rotary_emb(dummy, positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
         self.scaling = self.head_dim**-0.5
+        self._arange = torch.arange(max_len, device=self.device)
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphs: dict[int, _Graph] = {}
+
+    def run_plan(self, plan: dict[str, Any]) -> torch.Tensor:
+        """Run one scheduler plan: ``{"op": "prefill", "slot", "ids"}`` or
+        ``{"op": "decode", "slots", "tokens", "positions"}``."""
+        if plan["op"] == "prefill":
+            return self.prefill(int(plan["slot"]), list(plan["ids"]))
+        return self.decode(plan["slots"], plan["tokens"], plan["positions"])
 
     # -- the two steps ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -81,6 +100,8 @@ class Decoder:
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each slot, at that slot's position; returns logits ``[len(slots), V]``."""
+        if self.cuda_graphs:
+            return self._decode_graph(slots, tokens, positions)
         b = len(slots)
         pos = torch.tensor(positions, device=self.device)
         width = max(positions) + 1
@@ -105,6 +126,51 @@ class Decoder:
             )
             x = self._finish_layer(layer, x, o)
         return self._logits(x)[:, 0]
+
+    @torch.inference_mode()
+    def decode_dense(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token for each of slots ``0..B-1`` (``B = len(tokens)``), static shapes only.
+
+        Every tensor's shape depends on ``B`` and ``max_len`` alone, and every op is a tensor
+        op (no host synchronisation), so the step can be captured in a CUDA graph.
+        """
+        b = tokens.shape[0]
+        rows = self._arange[:b]
+        x = self.embed(tokens[:, None])
+        cos = self.cos.index_select(0, positions)[:, None, None]
+        sin = self.sin.index_select(0, positions)[:, None, None]
+        mask = (self._arange[None] <= positions[:, None])[:, None, None]  # [b, 1, 1, max_len]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            self.k_cache[i, rows, :, positions] = k[:, :, 0]
+            self.v_cache[i, rows, :, positions] = v[:, :, 0]
+            o = F.scaled_dot_product_attention(
+                q,
+                self.k_cache[i, :b],
+                self.v_cache[i, :b],
+                attn_mask=mask,
+                scale=self.scaling,
+                enable_gqa=True,
+            )
+            x = self._finish_layer(layer, x, o)
+        return self._logits(x)[:, 0]
+
+    def _decode_graph(
+        self, slots: list[int], tokens: list[int], positions: list[int]
+    ) -> torch.Tensor:
+        bucket = 1
+        while bucket < max(slots) + 1:
+            bucket *= 2
+        bucket = min(bucket, self.slots)
+        graph = self._graphs.get(bucket)
+        if graph is None:
+            graph = self._graphs[bucket] = _Graph(self, bucket)
+        tok = torch.zeros(bucket, dtype=torch.long)
+        pos = torch.zeros(bucket, dtype=torch.long)
+        idx = torch.tensor(slots)
+        tok[idx] = torch.tensor(tokens)
+        pos[idx] = torch.tensor(positions)
+        return graph.run(tok, pos)[idx.to(self.device)]
 
     # -- pieces ----------------------------------------------------------------------------
     def _qkv(
@@ -137,3 +203,26 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def _out_features(linear: Any) -> int:
     return int(linear.weight.shape[0])
+
+
+class _Graph:
+    """A CUDA graph of :meth:`Decoder.decode_dense` for one batch bucket."""
+
+    def __init__(self, dec: Decoder, bucket: int) -> None:
+        self.tokens = torch.zeros(bucket, dtype=torch.long, device=dec.device)
+        self.positions = torch.zeros(bucket, dtype=torch.long, device=dec.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (allocator, kernels) off the capture
+            for _ in range(2):
+                dec.decode_dense(self.tokens, self.positions)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = dec.decode_dense(self.tokens, self.positions)
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens, non_blocking=True)
+        self.positions.copy_(positions, non_blocking=True)
+        self.graph.replay()
+        return self.logits

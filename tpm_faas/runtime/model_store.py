@@ -146,7 +146,9 @@ def read_tensor(entry: TensorEntry, dim: int | None = None, start: int = 0, leng
     return torch.frombuffer(out, dtype=dtype).reshape(new_shape)
 
 
-def load_shard(module: Any, model_dir: Path, *, rank: int, tp_size: int) -> int:
+def load_shard(
+    module: Any, model_dir: Path, *, rank: int, tp_size: int, device: Any = "cpu"
+) -> int:
     """Fill ``module``'s parameters with this rank's share of the checkpoint; returns bytes read.
 
     ``module`` was built on the meta device and sharded by AutoTP, so each parameter already
@@ -182,7 +184,7 @@ def load_shard(module: Any, model_dir: Path, *, rank: int, tp_size: int) -> int:
                 t = read_tensor(entries[name], d, start_of[name], p.shape[d])
             else:
                 t = read_tensor(entries[name])
-            p.data = t.to(p.dtype)
+            p.data = t.to(device=device, dtype=p.dtype)
             nbytes += t.numel() * t.element_size()
     return nbytes
 

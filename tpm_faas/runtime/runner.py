@@ -69,7 +69,9 @@ class LinearExtra:
     bias: torch.Tensor | None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        return torch.nn.functional.linear(
+            x.to(self.weight.device, self.weight.dtype), self.weight, self.bias
+        )
 
 
 class ModelRunner:
@@ -86,6 +88,7 @@ class ModelRunner:
         self.norm: Any = core.norm
         self.lm_head: Any = model.lm_head
         self.decoder: Decoder | None = None
+        self.device = next(model.parameters()).device
         #: Bytes of checkpoint this rank read (its shard plus the replicated tensors).
         self.weight_bytes = 0
 
@@ -109,10 +112,13 @@ class ModelRunner:
         )
         module: Any = engine.module
         rank = int(os.environ.get("RANK", "0"))
-        weight_bytes = model_store.load_shard(module, model_dir, rank=rank, tp_size=tp_size)
+        device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+        weight_bytes = model_store.load_shard(
+            module, model_dir, rank=rank, tp_size=tp_size, device=device
+        )
         # Buffers are not in the checkpoint: rebuild the rotary tables for real.
         rotary = module.model.rotary_emb
-        module.model.rotary_emb = type(rotary)(config=config)
+        module.model.rotary_emb = type(rotary)(config=config, device=device)
         for mname, buf in module.named_buffers():
             if buf.is_meta:
                 raise RuntimeError(f"buffer {mname} was left on the meta device")
@@ -156,9 +162,7 @@ class ModelRunner:
         """Run one scheduler plan (``prefill`` or ``decode``) on this rank."""
         if self.decoder is None:
             raise RuntimeError("no decoder attached")
-        if plan["op"] == "prefill":
-            return self.decoder.prefill(int(plan["slot"]), list(plan["ids"]))
-        return self.decoder.decode(plan["slots"], plan["tokens"], plan["positions"])
+        return self.decoder.run_plan(plan)
 
     # -- embed -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -176,7 +180,8 @@ class ModelRunner:
             raise TensorError(
                 f"inputs have shape {list(x.shape)}; need [batch, tokens, {self.info.hidden_size}]"
             )
-        hidden = self.model.model(inputs_embeds=x.to(self.dtype)).last_hidden_state.float()
+        hidden = self.model.model(inputs_embeds=x.to(self.device, self.dtype)).last_hidden_state
+        hidden = hidden.float()
         pooled = hidden.mean(dim=1) if body["pooling"] == "mean" else hidden[:, -1]
         result: dict[str, Any] = {
             "input_tokens": int(x.shape[0] * x.shape[1]),
@@ -210,7 +215,7 @@ class ModelRunner:
                 for layer in op["layers"]:
                     lens[layer] = sorted(set(lens.get(layer, [])) | set(op["positions"]))
             elif op["op"] == "add":
-                vec = decode_tensor(op["vector"]).float() * float(op["scale"])
+                vec = decode_tensor(op["vector"]).to(self.device).float() * float(op["scale"])
                 adds.setdefault(int(op["layer"]), []).append((vec, op["positions"]))
             else:
                 raise RequestError(f"unknown intervention op {op['op']!r}")
@@ -246,7 +251,7 @@ class ModelRunner:
             if max_new > 0:
                 new = self._decode_with_offset(ids, max_new, int(body["seed"]), offset)
             else:
-                self.model(input_ids=torch.tensor([ids], dtype=torch.long))
+                self.model(input_ids=torch.tensor([ids], device=self.device))
         saved = {
             f"blocks.{layer}.hook_resid_post": {
                 "positions": pos,
@@ -290,7 +295,7 @@ class ModelRunner:
 
         cache = DynamicCache()
         gen = torch.Generator().manual_seed(seed)
-        inputs = torch.tensor([ids], dtype=torch.long)
+        inputs = torch.tensor([ids], device=self.device)
         new: list[int] = []
         offset[0] = 0
         for _ in range(max_new):
@@ -300,7 +305,7 @@ class ModelRunner:
             if nxt == self.tok.eos_id:
                 break
             offset[0] += inputs.shape[1]
-            inputs = torch.tensor([[nxt]], dtype=torch.long)
+            inputs = torch.tensor([[nxt]], device=self.device)
         return new
 
 
