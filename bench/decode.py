@@ -123,6 +123,18 @@ def measure(model: Any, tokens: int, repeats: int) -> dict[str, float]:
     }
 
 
+def copy_bandwidth(repeats: int, nbytes: int = 2 << 30) -> float:
+    """Bytes per second a device-to-device copy moves (read plus write)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+
+    def copy() -> None:
+        dst.copy_(src)
+        torch.cuda.synchronize()
+
+    return 2 * nbytes / best(copy, repeats)
+
+
 def gpu_rows(tokens: int, repeats: int) -> list[dict[str, Any]]:
     """Llama-3-8B shape, random bf16 weights, one CUDA device: batch 1 and 16 vs roofline."""
     cfg = LlamaConfig(
@@ -140,17 +152,7 @@ def gpu_rows(tokens: int, repeats: int) -> list[dict[str, Any]]:
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # Roofline: device-to-device copy bandwidth (read + write) over the weight bytes.
-    buf = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(buf)
-    torch.cuda.synchronize()
-    nbytes = buf.numel()
-
-    def copy() -> None:
-        dst.copy_(buf)
-        torch.cuda.synchronize()
-
-    bandwidth = 2 * nbytes / best(copy, repeats)
-    del buf, dst
+    bandwidth = copy_bandwidth(repeats)
     roofline = bandwidth / weight_bytes
     ids = ByteTokenizer().encode(PROMPTS[0])
 
