@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python bench/gateway_overhead.py
 	$(VENV)/bin/python bench/decode.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python bench/shard_memory.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tpm_faas tests bench
