@@ -19,20 +19,19 @@ here otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import record, write
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from tpm_faas.config import BUNDLED_MODELS
 from tpm_faas.runtime.decoder import Decoder
+from tpm_faas.runtime.demo_model import byte_llama_config
 from tpm_faas.runtime.scheduler import Scheduler
 from tpm_faas.tokenizer import ByteTokenizer
 
@@ -50,19 +49,12 @@ PROMPTS = [
 
 def random_llama(dtype: torch.dtype) -> Any:
     """A Llama of about 38M parameters with random weights (byte vocabulary)."""
-    tok = ByteTokenizer()
-    cfg = LlamaConfig(
-        vocab_size=tok.vocab_size,
+    cfg = byte_llama_config(
         hidden_size=768,
         intermediate_size=2048,
         num_hidden_layers=6,
         num_attention_heads=12,
         num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id,
-        pad_token_id=tok.pad_id,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).to(dtype).eval()
@@ -209,22 +201,15 @@ def run(tokens: int, repeats: int) -> dict[str, Any]:
         row.update(measure(model, tokens, repeats))
         rows.append(row)
         print(f"  measured {name} {row['dtype']}", flush=True)
-    return {
-        "benchmark": "decode",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": f"CPU: {platform.machine()}, {os.cpu_count()} cores, "
+    return record(
+        "decode",
+        device=f"CPU: {platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads",
-        "gpu": gpu_rows(tokens, repeats)
-        if torch.cuda.is_available()
-        else "skipped: no CUDA device",
-        "tokens": tokens,
-        "repeats": repeats,
-        "versions": {
-            "python": platform.python_version(),
-            **{d: version(d) for d in ("tpm-faas", "torch", "transformers", "deepspeed")},
-        },
-        "rows": rows,
-    }
+        gpu=gpu_rows(tokens, repeats) if torch.cuda.is_available() else "skipped: no CUDA device",
+        tokens=tokens,
+        repeats=repeats,
+        rows=rows,
+    )
 
 
 def table(result: dict[str, Any]) -> str:
@@ -263,9 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     result = run(a.tokens, a.repeats)
     print(table(result))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {a.out}")
+    write(result, a.out)
     return 0
 
 

@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import record, write
 
 from tpm_faas.client import TPMClient, encode_array
 from tpm_faas.embedded import EmbeddedSite
@@ -117,21 +115,7 @@ def run(repeats: int, tp_size: int) -> dict[str, Any]:
                         "ratio_full_to_direct": statistics.median(f) / statistics.median(d),
                     }
                 )
-    return {
-        "benchmark": "gateway_overhead",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "tp_size": tp_size,
-        "repeats": repeats,
-        "versions": {
-            "python": platform.python_version(),
-            **{
-                d: version(d)
-                for d in ("tpm-faas", "torch", "deepspeed", "globus-compute-endpoint", "parsl")
-            },
-        },
-        "rows": rows,
-    }
+    return record("gateway_overhead", tp_size=tp_size, repeats=repeats, rows=rows)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -158,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     result = run(a.repeats, a.tp)
     print(table(result))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {a.out}")
+    write(result, a.out)
     return 0
 
 

@@ -11,38 +11,29 @@ The baseline is the same run's tp=1 rank. Prints a table and writes JSON (``--ou
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+from _common import record, write
 
 MODEL = "bench-random@1"
 
 
 def make_model(root: Path) -> int:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from tpm_faas.tokenizer import ByteTokenizer
+    from tpm_faas.runtime.demo_model import byte_llama_config
 
-    tok = ByteTokenizer()
-    cfg = LlamaConfig(
-        vocab_size=tok.vocab_size,
+    cfg = byte_llama_config(
         hidden_size=1024,
         intermediate_size=2816,
         num_hidden_layers=12,
         num_attention_heads=16,
         num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id,
-        pad_token_id=tok.pad_id,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
@@ -82,17 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{tp:>3} {m['rank']:>5} {m['weights_mb']:>16.1f} {m['rss_mb']:>8.1f} "
                 f"{m['peak_rss_mb']:>12.1f} {ratio:>12.2f}"
             )
-    result = {
-        "benchmark": "shard_memory",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": f"CPU: {platform.machine()}, {os.cpu_count()} cores",
-        "model": {"name": MODEL, "parameters": params, "dtype": "float32"},
-        "versions": {d: version(d) for d in ("tpm-faas", "torch", "deepspeed", "transformers")},
-        "ranks": {str(tp): ranks for tp, ranks in rows.items()},
-    }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {a.out}")
+    result = record(
+        "shard_memory",
+        model={"name": MODEL, "parameters": params, "dtype": "float32"},
+        ranks={str(tp): ranks for tp, ranks in rows.items()},
+    )
+    write(result, a.out)
     return 0
 
 

@@ -37,24 +37,32 @@ OUT = BUNDLED_MODELS / "demo-tpm" / "1"
 ADAPTER_IN = 16
 
 
-def demo_config() -> LlamaConfig:
+def byte_llama_config(**shape: Any) -> LlamaConfig:
+    """A Llama config on the byte-level vocabulary; ``shape`` sets sizes (hidden_size, ...)."""
     tok = ByteTokenizer()
-    kwargs: dict[str, Any] = dict(
-        vocab_size=tok.vocab_size,
+    kwargs: dict[str, Any] = {
+        "vocab_size": tok.vocab_size,
+        "max_position_embeddings": 512,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id,
+        **shape,
+    }
+    return LlamaConfig(**kwargs)
+
+
+def demo_config() -> LlamaConfig:
+    """The shape of ``demo-tpm@1`` (3.1M parameters)."""
+    return byte_llama_config(
         hidden_size=256,
         intermediate_size=704,
         num_hidden_layers=4,
         num_attention_heads=8,
         num_key_value_heads=4,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id,
-        pad_token_id=tok.pad_id,
     )
-    return LlamaConfig(**kwargs)
 
 
 def train(
