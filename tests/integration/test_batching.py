@@ -203,3 +203,17 @@ def test_cuda_graph_decode_equals_eager() -> None:
 
 def make_scheduler_on(dec: Decoder) -> Scheduler:
     return Scheduler(dec.run_plan, slots=dec.slots, max_len=dec.max_len)
+
+
+def test_abort_fails_every_request_and_frees_the_slots(model: Any) -> None:
+    s = make_scheduler(model, slots=2)
+    for p in PROMPTS[:3]:
+        s.submit(p, p, body(p))
+    drain(s, {}, steps=2)
+    out = dict(s.abort("the shard group is shutting down"))
+    assert set(out) == set(PROMPTS[:3]) and not s.busy
+    assert all(r["error"]["code"] == "shard_unavailable" for r in out.values())
+    again: dict[Any, dict[str, Any]] = {}
+    s.submit("next", "n", body(PROMPTS[0], n=8))
+    drain(s, again)
+    assert ids_of(again["next"]) == ids_of(alone(model, body(PROMPTS[0], n=8)))

@@ -217,6 +217,8 @@ class _Rank0:
             except ValueError:
                 msg, op = {}, None
             if op == "shutdown":
+                for key, reply in self.scheduler.abort("the shard group is shutting down"):
+                    sock.send_multipart([key, b"", _dumps(reply)])
                 if self.tp_size > 1:
                     _recv_broadcast(msg)
                 result = {"served": self.served}

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tpm_faas.errors import LimitExceeded, RequestError, TPMError
+from tpm_faas.errors import LimitExceeded, RequestError, ShardGroupError, TPMError
 from tpm_faas.tokenizer import ByteTokenizer
 
 Plan = dict[str, Any]
@@ -157,6 +157,12 @@ class Scheduler:
                 )
             )
         return seqs
+
+    def abort(self, reason: str) -> list[tuple[Any, dict[str, Any]]]:
+        """Fail every waiting and running request (the group is stopping)."""
+        for req in self._requests:
+            self._fail(req, ShardGroupError(reason))
+        return self._retire()
 
     # -- one iteration ---------------------------------------------------------------------
     def step(self) -> list[tuple[Any, dict[str, Any]]]:
