@@ -196,8 +196,17 @@ def _shard_offsets(local_sizes: list[int], *, rank: int, tp_size: int) -> list[i
     import torch
     import torch.distributed as dist
 
-    mine = torch.tensor(local_sizes, dtype=torch.int64)
+    mine = torch.tensor(local_sizes, dtype=torch.int64, device=comm_device())
     every = [torch.zeros_like(mine) for _ in range(tp_size)]
     dist.all_gather(every, mine)
     below = torch.stack(every[:rank]).sum(0) if rank else torch.zeros_like(mine)
-    return [int(x) for x in below]
+    return [int(x) for x in below.cpu()]
+
+
+def comm_device() -> Any:
+    """Where tensors for collectives live: this rank's GPU under NCCL, else the CPU (gloo)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -22,6 +22,7 @@ from typing import Any
 
 from tpm_faas.errors import RequestError, TPMError
 from tpm_faas.registry import GroupEntry, Registry
+from tpm_faas.runtime.model_store import comm_device
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ def serve_rank(
 
     from tpm_faas.runtime.runner import ModelRunner
 
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank)  # one GPU per rank, before NCCL starts
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     if dtype == "float32" and not torch.cuda.is_available():
         # DeepSpeed's CPU shared-memory all-reduce segfaults in fp32 on CPUs without AVX-512.
@@ -106,7 +109,9 @@ def _gather_memory(weight_bytes: int, tp_size: int) -> list[dict[str, Any]]:
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     mine = torch.tensor(
-        [peak_mb, weight_bytes / 2**20, _rss_mb(), os.getpid()], dtype=torch.float64
+        [peak_mb, weight_bytes / 2**20, _rss_mb(), os.getpid()],
+        dtype=torch.float64,
+        device=comm_device(),
     )
     every = [mine]
     if tp_size > 1:
@@ -272,16 +277,16 @@ def _recv_broadcast(msg: dict[str, Any] | None) -> dict[str, Any]:
     import torch.distributed as dist
 
     if msg is not None:
-        data = torch.frombuffer(bytearray(_dumps(msg)), dtype=torch.uint8)
-        size = torch.tensor([data.numel()], dtype=torch.int64)
+        data = torch.frombuffer(bytearray(_dumps(msg)), dtype=torch.uint8).to(comm_device())
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=comm_device())
         dist.broadcast(size, src=0)
         dist.broadcast(data, src=0)
         return msg
-    size = torch.zeros(1, dtype=torch.int64)
+    size = torch.zeros(1, dtype=torch.int64, device=comm_device())
     dist.broadcast(size, src=0)
-    data = torch.empty(int(size.item()), dtype=torch.uint8)
+    data = torch.empty(int(size.item()), dtype=torch.uint8, device=comm_device())
     dist.broadcast(data, src=0)
-    out: dict[str, Any] = json.loads(data.numpy().tobytes())
+    out: dict[str, Any] = json.loads(data.cpu().numpy().tobytes())
     return out
 
 
