@@ -62,7 +62,16 @@ def demo(tp_size: int, as_json: bool, home: Path | None) -> None:
 @click.option(
     "--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True
 )
-def launch(model: str, tp_size: int, dtype: str) -> None:
+@click.option(
+    "--max-batch", default=8, show_default=True, help="Sequences decoded together at most."
+)
+@click.option(
+    "--max-wait-ms",
+    default=0.0,
+    show_default=True,
+    help="How long an idle group waits for more requests to batch with.",
+)
+def launch(model: str, tp_size: int, dtype: str, max_batch: int, max_wait_ms: float) -> None:
     """Start a shard group for MODEL and keep it serving until interrupted."""
     import signal
 
@@ -70,7 +79,15 @@ def launch(model: str, tp_size: int, dtype: str) -> None:
     from tpm_faas.launcher import ShardGroup
 
     settings = Settings.from_env()
-    group = ShardGroup(model, tp_size, settings, settings.home / "runs" / "launch", dtype=dtype)
+    group = ShardGroup(
+        model,
+        tp_size,
+        settings,
+        settings.home / "runs" / "launch",
+        dtype=dtype,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+    )
     entry = group.start(progress=lambda m: click.echo(f".. {m}", err=True))
     click.echo(f"{model} serving at {entry.address} (tp={tp_size}); Ctrl-C stops it")
     try:

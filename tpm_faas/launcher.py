@@ -40,6 +40,8 @@ class ShardGroup:
     :param settings: where the model roots and the registry are
     :param run_dir: Parsl's run directory (logs, submit scripts)
     :param dtype: ``float32`` or ``bfloat16``
+    :param max_batch: sequences decoded together at most (the KV cache's slots)
+    :param max_wait_ms: how long an idle group waits for more requests to batch with
     """
 
     model: str
@@ -47,6 +49,8 @@ class ShardGroup:
     settings: Settings
     run_dir: Path
     dtype: str = "float32"
+    max_batch: int = 8
+    max_wait_ms: float = 0.0
     _dfk: Any = field(default=None, init=False, repr=False)
     _futures: list[Future[Any]] = field(default_factory=list, init=False, repr=False)
     entry: GroupEntry | None = field(default=None, init=False)
@@ -106,6 +110,8 @@ class ShardGroup:
                 str(model_dir),
                 str(self.settings.registry_dir),
                 self.dtype,
+                max_batch=self.max_batch,
+                max_wait_ms=self.max_wait_ms,
             )
             for rank in range(self.tp_size)
         ]

@@ -18,10 +18,15 @@ BODY = {"prompts": ["And Abraham"], "max_new_tokens": 8}
 
 
 def test_dead_rank_is_detected_and_the_group_restarts(tmp_path: Path) -> None:
-    group = ShardGroup("demo-tpm@1", 2, Settings.from_env({}, home=tmp_path), tmp_path / "runs")
+    settings = Settings.from_env({}, home=tmp_path)
+    group = ShardGroup("demo-tpm@1", 2, settings, tmp_path / "runs", max_batch=4, max_wait_ms=300)
     group.start()
     try:
-        want = group.client().call("generate", BODY)["completions"][0]["token_ids"]
+        first = group.client().call("generate", BODY)
+        want = first["completions"][0]["token_ids"]
+        # An idle group holds a lone request up to max_wait_ms for others to batch with.
+        assert first["timing"]["queue_s"] >= 0.25
+        assert group.client().ping()["max_batch"] == 4
         ranks = group.client().ping()["memory"]
         assert group.healthy()
         os.kill(ranks[1]["pid"], signal.SIGKILL)
