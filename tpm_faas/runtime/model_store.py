@@ -146,19 +146,19 @@ def read_tensor(entry: TensorEntry, dim: int | None = None, start: int = 0, leng
     return torch.frombuffer(out, dtype=dtype).reshape(new_shape)
 
 
-def load_shard(
-    module: Any, model_dir: Path, *, rank: int, tp_size: int, device: Any = "cpu"
-) -> int:
+def load_shard(module: Any, model_dir: Path, *, rank: int, tp_size: int) -> int:
     """Fill ``module``'s parameters with this rank's share of the checkpoint; returns bytes read.
 
     ``module`` was built on the meta device and sharded by AutoTP, so each parameter already
     has its local shape. A parameter whose shape differs from the checkpoint's along one
     dimension is a shard along it; its offset is the sum of the lower ranks' sizes (gathered
     from the group, so any split AutoTP chose is read exactly). Only those rows or columns
-    are read from the safetensors files: no rank ever holds the whole model.
+    are read from the safetensors files, onto :func:`rank_device`: no rank ever holds the
+    whole model.
     """
     import torch
 
+    device = rank_device()
     entries = weight_files(model_dir)
     params = dict(module.named_parameters())
     missing = sorted(set(params) - set(entries))
@@ -167,7 +167,7 @@ def load_shard(
     split: dict[str, int] = {}
     for name, p in params.items():
         full = entries[name].shape
-        dims = [d for d in range(p.dim()) if p.shape[d] != full[d]] if len(full) == p.dim() else []
+        dims = [d for d in range(len(full)) if len(full) == p.dim() and p.shape[d] != full[d]]
         if len(full) != p.dim() or len(dims) > 1:
             raise ConfigError(f"{name}: local shape {list(p.shape)} vs checkpoint {list(full)}")
         if dims:
@@ -196,15 +196,18 @@ def _shard_offsets(local_sizes: list[int], *, rank: int, tp_size: int) -> list[i
     import torch
     import torch.distributed as dist
 
-    mine = torch.tensor(local_sizes, dtype=torch.int64, device=comm_device())
+    mine = torch.tensor(local_sizes, dtype=torch.int64, device=rank_device())
     every = [torch.zeros_like(mine) for _ in range(tp_size)]
     dist.all_gather(every, mine)
     below = torch.stack(every[:rank]).sum(0) if rank else torch.zeros_like(mine)
     return [int(x) for x in below.cpu()]
 
 
-def comm_device() -> Any:
-    """Where tensors for collectives live: this rank's GPU under NCCL, else the CPU (gloo)."""
+def rank_device() -> Any:
+    """This rank's device: its GPU (one per rank, NCCL), else the CPU (gloo).
+
+    Weights, the KV cache and the tensors of collectives all live there.
+    """
     import torch
 
     if torch.cuda.is_available():

@@ -22,7 +22,7 @@ from typing import Any
 
 from tpm_faas.errors import RequestError, TPMError
 from tpm_faas.registry import GroupEntry, Registry
-from tpm_faas.runtime.model_store import comm_device
+from tpm_faas.runtime.model_store import rank_device
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ def serve_rank(
     runner.attach_decoder(slots=max_batch)
     served = 0
     if rank == 0:
-        rank0 = _Rank0(runner, tp_size, max_batch, max_wait_ms / 1000)
-        rank0.memory = memory
+        rank0 = _Rank0(runner, tp_size, max_batch, max_wait_ms / 1000, memory)
         served = rank0.serve(Registry(Path(registry_dir)))
     else:
         while True:
@@ -111,7 +110,7 @@ def _gather_memory(weight_bytes: int, tp_size: int) -> list[dict[str, Any]]:
     mine = torch.tensor(
         [peak_mb, weight_bytes / 2**20, _rss_mb(), os.getpid()],
         dtype=torch.float64,
-        device=comm_device(),
+        device=rank_device(),
     )
     every = [mine]
     if tp_size > 1:
@@ -147,7 +146,14 @@ class _Rank0:
     scheduler step. ``embed`` and ``intervene`` run whole, between two decode steps.
     """
 
-    def __init__(self, runner: Any, tp_size: int, max_batch: int, max_wait_s: float) -> None:
+    def __init__(
+        self,
+        runner: Any,
+        tp_size: int,
+        max_batch: int,
+        max_wait_s: float,
+        memory: list[dict[str, Any]],
+    ) -> None:
         from tpm_faas.runtime.scheduler import Scheduler
 
         self.runner = runner
@@ -160,7 +166,7 @@ class _Rank0:
             max_batch=max_batch,
         )
         self.served = 0
-        self.memory: list[dict[str, Any]] = []
+        self.memory = memory  # every rank's, gathered after loading
 
     def _collective(self, msg: dict[str, Any]) -> Any:
         """Run ``msg`` on every rank (broadcast first); return rank 0's result."""
@@ -277,14 +283,14 @@ def _recv_broadcast(msg: dict[str, Any] | None) -> dict[str, Any]:
     import torch.distributed as dist
 
     if msg is not None:
-        data = torch.frombuffer(bytearray(_dumps(msg)), dtype=torch.uint8).to(comm_device())
-        size = torch.tensor([data.numel()], dtype=torch.int64, device=comm_device())
+        data = torch.frombuffer(bytearray(_dumps(msg)), dtype=torch.uint8).to(rank_device())
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=rank_device())
         dist.broadcast(size, src=0)
         dist.broadcast(data, src=0)
         return msg
-    size = torch.zeros(1, dtype=torch.int64, device=comm_device())
+    size = torch.zeros(1, dtype=torch.int64, device=rank_device())
     dist.broadcast(size, src=0)
-    data = torch.empty(int(size.item()), dtype=torch.uint8, device=comm_device())
+    data = torch.empty(int(size.item()), dtype=torch.uint8, device=rank_device())
     dist.broadcast(data, src=0)
     out: dict[str, Any] = json.loads(data.cpu().numpy().tobytes())
     return out

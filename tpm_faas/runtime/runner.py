@@ -77,7 +77,9 @@ class LinearExtra:
 class ModelRunner:
     """A loaded model (possibly a tensor-parallel shard) and its registered extras."""
 
-    def __init__(self, model: Any, info: ModelInfo, extras: dict[str, LinearExtra]) -> None:
+    def __init__(
+        self, model: Any, info: ModelInfo, extras: dict[str, LinearExtra], *, weight_bytes: int = 0
+    ) -> None:
         self.model = model
         self.info = info
         self.extras = extras
@@ -90,7 +92,7 @@ class ModelRunner:
         self.decoder: Decoder | None = None
         self.device = next(model.parameters()).device
         #: Bytes of checkpoint this rank read (its shard plus the replicated tensors).
-        self.weight_bytes = 0
+        self.weight_bytes = weight_bytes
 
     @classmethod
     def load(cls, name: str, model_dir: Path, *, dtype: str, tp_size: int) -> ModelRunner:
@@ -112,13 +114,10 @@ class ModelRunner:
         )
         module: Any = engine.module
         rank = int(os.environ.get("RANK", "0"))
-        device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
-        weight_bytes = model_store.load_shard(
-            module, model_dir, rank=rank, tp_size=tp_size, device=device
-        )
+        weight_bytes = model_store.load_shard(module, model_dir, rank=rank, tp_size=tp_size)
         # Buffers are not in the checkpoint: rebuild the rotary tables for real.
         rotary = module.model.rotary_emb
-        module.model.rotary_emb = type(rotary)(config=config, device=device)
+        module.model.rotary_emb = type(rotary)(config=config, device=model_store.rank_device())
         for mname, buf in module.named_buffers():
             if buf.is_meta:
                 raise RuntimeError(f"buffer {mname} was left on the meta device")
@@ -144,9 +143,7 @@ class ModelRunner:
             adapters=dict(meta["adapters"]),
             heads=dict(meta["heads"]),
         )
-        runner = cls(module, info, extras)
-        runner.weight_bytes = weight_bytes
-        return runner
+        return cls(module, info, extras, weight_bytes=weight_bytes)
 
     # -- query: the serving decoder (batched by the scheduler on rank 0) --------------------
     def attach_decoder(self, *, slots: int, max_len: int | None = None) -> Decoder:

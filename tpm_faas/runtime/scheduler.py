@@ -179,7 +179,7 @@ class Scheduler:
                 self._fail(seq.request, e)
                 continue
             self._running.append(seq)
-            self._accept(seq, logits[0])
+            self._accept(seq, torch.log_softmax(logits[0].float(), dim=-1))
         active = [s for s in self._running if not s.done]
         if active:
             plan = {
@@ -194,13 +194,14 @@ class Scheduler:
                 for s in active:
                     self._fail(s.request, e)
             else:
+                logp = torch.log_softmax(logits.float(), dim=-1)  # the whole batch at once
                 for row, s in enumerate(active):
                     s.max_batch = max(s.max_batch, len(active))
-                    self._accept(s, logits[row])
+                    self._accept(s, logp[row])
         return self._retire()
 
-    def _accept(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        logp = torch.log_softmax(logits.float(), dim=-1)
+    def _accept(self, seq: _Sequence, logp: torch.Tensor) -> None:
+        """Sample ``seq``'s next token from its log-probabilities; retire it when done."""
         nxt = sample(logp, seq.temperature, seq.top_p, seq.gen)
         now = time.perf_counter()
         if not seq.new:
