@@ -24,6 +24,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python bench/gateway_overhead.py
 	$(VENV)/bin/python bench/decode.py
+	$(VENV)/bin/python bench/interventions.py
+	$(VENV)/bin/python bench/ledger.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python bench/shard_memory.py
 
 lint: $(STAMP)

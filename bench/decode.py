@@ -21,17 +21,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import record, write
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from _common import best, llama3_8b, random_llama, record, write
+from transformers import AutoModelForCausalLM
 
 from tpm_faas.config import BUNDLED_MODELS
 from tpm_faas.runtime.decoder import Decoder
-from tpm_faas.runtime.demo_model import byte_llama_config
 from tpm_faas.runtime.scheduler import Scheduler
 from tpm_faas.tokenizer import ByteTokenizer
 
@@ -47,33 +45,10 @@ PROMPTS = [
 ]
 
 
-def random_llama(dtype: torch.dtype) -> Any:
-    """A Llama of about 38M parameters with random weights (byte vocabulary)."""
-    cfg = byte_llama_config(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=6,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
-
-
 def demo_model(dtype: torch.dtype) -> Any:
     return AutoModelForCausalLM.from_pretrained(
         BUNDLED_MODELS / "demo-tpm" / "1", dtype=dtype
     ).eval()
-
-
-def best(fn: Any, repeats: int) -> float:
-    fn()  # warm
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def measure(model: Any, tokens: int, repeats: int) -> dict[str, float]:
@@ -129,19 +104,7 @@ def copy_bandwidth(repeats: int, nbytes: int = 2 << 30) -> float:
 
 def gpu_rows(tokens: int, repeats: int) -> list[dict[str, Any]]:
     """Llama-3-8B shape, random bf16 weights, one CUDA device: batch 1 and 16 vs roofline."""
-    cfg = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-    )
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model = llama3_8b()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # Roofline: device-to-device copy bandwidth (read + write) over the weight bytes.
     bandwidth = copy_bandwidth(repeats)

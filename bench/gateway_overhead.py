@@ -63,7 +63,7 @@ def requests() -> dict[str, dict[str, Any]]:
                 "prompt": PROMPT,
                 "ops": [
                     {"op": "logit_lens", "layers": "*", "positions": [-1], "top_k": 5},
-                    {"op": "save", "layers": [1, 3], "positions": [-1]},
+                    {"op": "save", "site": "hook_resid_post", "layers": [1, 3], "positions": [-1]},
                 ],
             },
         },

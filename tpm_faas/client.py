@@ -13,9 +13,10 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tpm_faas.errors import RemoteError
@@ -32,7 +33,13 @@ class Transport(Protocol):
 
 @dataclass(frozen=True)
 class Result:
-    """A mode's result: its output, the usage it was charged for, and its receipt."""
+    """A mode's result: its output, the usage it was charged for, and its receipt.
+
+    Tensors come back inline or, for large results, in a safetensors file named by
+    ``output["tensors_ref"]``; :meth:`tensor`, :attr:`saved` and :meth:`saved_for` load either
+    transparently (the file's sha256 is checked first). ``results_dir`` is where to look for
+    that file when its ``uri`` is not readable here (e.g. after a Globus transfer).
+    """
 
     request_id: str
     mode: str
@@ -40,32 +47,73 @@ class Result:
     usage: dict[str, Any]
     receipt: dict[str, Any]
     raw: dict[str, Any] = field(repr=False)
+    results_dir: Path | None = field(default=None, repr=False)
+    _file: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def texts(self) -> list[str]:
-        """Generated texts (query), or the generation under intervention (intervene)."""
-        if "completions" in self.output:
-            return [c["text"] for c in self.output["completions"]]
-        return [self.output.get("text", "")]
+        """Generated texts: one per prompt (query), or under intervention (intervene)."""
+        runs = self.output.get("completions") or self.output.get("results") or []
+        return [c["text"] for c in runs]
 
     @property
     def text(self) -> str:
         return self.texts[0]
 
     def tensor(self, key: str = "output") -> np.ndarray:
-        """A tensor of the output as a numpy array (``output`` for embed, a site for saves)."""
-        if (
-            key in self.output
-            and isinstance(self.output[key], dict)
-            and "dtype" in self.output[key]
-        ):
-            return decode_array(self.output[key])
-        return decode_array(self.output["saved"][key]["tensor"])
+        """The embed mode's output tensor (``output``), or a saved site of the first prompt."""
+        value = self.output.get(key)
+        if isinstance(value, dict) and "dtype" in value:
+            return self.array(value)
+        return self.saved[key]
 
     @property
     def saved(self) -> dict[str, np.ndarray]:
-        """Saved activations by hook site (intervene)."""
-        return {k: decode_array(v["tensor"]) for k, v in self.output.get("saved", {}).items()}
+        """Saved activations of the first prompt, by hook site (intervene)."""
+        return self.saved_for(0)
+
+    def saved_for(self, prompt: int) -> dict[str, np.ndarray]:
+        """Saved activations of prompt ``prompt``, by hook site: ``[positions, *shape]``."""
+        run = self.output["results"][prompt]
+        return {k: self.array(v["tensor"]) for k, v in run["saved"].items()}
+
+    @property
+    def logit_lens(self) -> list[dict[str, Any]]:
+        """The logit-lens rows of the first prompt (intervene)."""
+        rows: list[dict[str, Any]] = self.output["results"][0]["logit_lens"]
+        return rows
+
+    def array(self, payload: dict[str, Any]) -> np.ndarray:
+        """A tensor payload of this result as a numpy array, inline or from the results file."""
+        if "data" in payload:
+            return decode_array(payload)
+        if not self._file:
+            self._file.update(load_results_file(self.output["tensors_ref"], self.results_dir))
+        return self._file[payload["key"]]
+
+
+def load_results_file(ref: dict[str, Any], results_dir: Path | None = None) -> dict[str, Any]:
+    """The arrays of a by-reference result, after checking the file's sha256."""
+    import hashlib
+    from urllib.parse import unquote, urlparse
+
+    from safetensors.numpy import load
+
+    candidates = [Path(unquote(urlparse(ref["uri"]).path))]
+    if results_dir is not None:
+        candidates.insert(0, Path(results_dir) / ref["name"])
+    for path in candidates:
+        if path.is_file():
+            data = path.read_bytes()
+            break
+    else:
+        raise FileNotFoundError(
+            f"result file {ref['name']} not found (looked in {', '.join(map(str, candidates))})"
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != ref["sha256"]:
+        raise ValueError(f"result file {path} has sha256 {digest}, expected {ref['sha256']}")
+    return dict(load(data))
 
 
 def encode_array(a: Any, dtype: str = "float32") -> dict[str, Any]:
@@ -93,19 +141,24 @@ class TPMClient:
     """Call the three modes of a served model.
 
     :param transport: how requests reach the mode functions
-    :param token: the access token for the TPM resource server
+    :param token: the access token for the TPM resource server, or a callable returning one
+        before each request (:class:`tpm_faas.globus_auth.GlobusTokens`: user login or client
+        credentials, refreshed as needed)
     :param model: the default ``name@version``
     :param timeout_s: how long to wait for each result
+    :param results_dir: where by-reference results are found, if not at their ``uri``
     """
 
     def __init__(
         self,
         transport: Transport,
         *,
-        token: str | None = None,
+        token: str | Callable[[], str] | None = None,
         model: str = "demo-tpm@1",
         timeout_s: float = 600.0,
+        results_dir: Path | None = None,
     ) -> None:
+        self.results_dir = results_dir
         self.transport = transport
         self.token = token
         self.model = model
@@ -160,32 +213,57 @@ class TPMClient:
 
     def intervene(
         self,
-        prompt: str,
+        prompts: str | Sequence[str],
         ops: Sequence[dict[str, Any]],
         *,
+        tensors: dict[str, Any] | None = None,
         max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
         seed: int = 0,
         model: str | None = None,
     ) -> Result:
-        """Run ``prompt`` with a declarative list of hook-site reads and writes.
+        """Run ``prompts`` under a declarative list of hook-site reads and writes.
 
-        Tensor values in ``ops`` (e.g. an ``add`` op's ``vector``) may be numpy arrays.
+        Tensor values in ``ops`` (``set``'s ``value``, ``add``'s ``vector``) and in
+        ``tensors`` (named once, used by ``{"ref": name}``) may be numpy arrays.
         """
         enc = [{k: encode_array(v) if _is_array(v) else v for k, v in op.items()} for op in ops]
-        return self.call(
-            "intervene",
-            {"prompt": prompt, "ops": enc, "max_new_tokens": max_new_tokens, "seed": seed},
-            model=model,
-        )
+        body: dict[str, Any] = {
+            "prompts": [prompts] if isinstance(prompts, str) else list(prompts),
+            "ops": enc,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+        }
+        if tensors:
+            body["tensors"] = {k: encode_array(v) for k, v in tensors.items()}
+        return self.call("intervene", body, model=model)
 
     def call(self, mode: str, body: dict[str, Any], *, model: str | None = None) -> Result:
         """Send one request to ``mode`` and wait for its result."""
         request = {"model": model or self.model, "request_id": str(uuid.uuid4()), **body}
-        fut = self.transport.submit(mode, json.dumps(request), self.token)
-        return parse_reply(fut.result(timeout=self.timeout_s))
+        token = self.token() if callable(self.token) else self.token
+        fut = self.transport.submit(mode, json.dumps(request), token)
+        try:
+            reply = fut.result(timeout=self.timeout_s)
+        except TimeoutError:
+            raise
+        except RemoteError:
+            raise
+        except Exception as e:  # the task itself failed (worker lost, refused by the endpoint)
+            raise RemoteError(
+                f"the {mode} task failed on the endpoint: {type(e).__name__}: {e}",
+                code="task_failed",
+                remote_type=type(e).__name__,
+                request_id=request["request_id"],
+                layer="compute",
+            ) from e
+        return parse_reply(reply, results_dir=self.results_dir)
 
 
-def parse_reply(reply_json: str) -> Result:
+def parse_reply(reply_json: str, results_dir: Path | None = None) -> Result:
     """Decode a mode function's reply; an error record raises :class:`RemoteError`."""
     reply = json.loads(reply_json)
     if not reply.get("ok"):
@@ -197,6 +275,7 @@ def parse_reply(reply_json: str) -> Result:
         usage=reply["usage"],
         receipt=reply["receipt"],
         raw=reply,
+        results_dir=results_dir,
     )
 
 

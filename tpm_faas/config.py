@@ -10,9 +10,14 @@ variable > the default below. Nothing here is read at import time.
 - ``TPM_FAAS_CLIENT_ID``: the TPM resource server's Globus Auth client id; ``local-dev``
 - ``TPM_FAAS_CLIENT_SECRET``: its secret (``globus`` auth only)
 - ``TPM_FAAS_MAPPED_IDENTITY``: the identity the endpoint mapped this worker to; unset (no check)
+- ``TPM_FAAS_GLOBUS_GROUPS``: ``1`` to look up callers' Globus groups (policies matching on
+  ``globus_groups``, ``globus`` auth only); unset
 - ``TPM_FAAS_LEDGER``: SQLAlchemy URL of the SU ledger; ``sqlite:///$TPM_FAAS_HOME/ledger.sqlite``
 - ``TPM_FAAS_MODELS``: ``:``-separated model roots; the models bundled with the package
 - ``TPM_FAAS_SHARD_TIMEOUT``: seconds to wait for a shard group's answer; ``300``
+- ``TPM_FAAS_INLINE_LIMIT``: tensors of a result larger than this many bytes in all go to a
+  safetensors file in ``$TPM_FAAS_HOME/results`` and are returned by reference; ``4000000``
+  (Globus Compute allows 10 MB per result)
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ class Settings:
     client_id: str = "local-dev"
     client_secret: str | None = None
     mapped_identity: str | None = None
+    globus_groups: bool = False
     ledger_url: str = ""
     model_roots: tuple[Path, ...] = (BUNDLED_MODELS,)
     shard_timeout_s: float = 300.0
+    inline_limit_bytes: int = 4_000_000
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -66,11 +73,13 @@ class Settings:
             "client_id": e.get("TPM_FAAS_CLIENT_ID", "local-dev"),
             "client_secret": e.get("TPM_FAAS_CLIENT_SECRET"),
             "mapped_identity": e.get("TPM_FAAS_MAPPED_IDENTITY") or None,
+            "globus_groups": e.get("TPM_FAAS_GLOBUS_GROUPS", "") in ("1", "true", "yes"),
             "ledger_url": e.get("TPM_FAAS_LEDGER") or f"sqlite:///{home / 'ledger.sqlite'}",
             "model_roots": tuple(Path(p) for p in roots.split(":") if p)
             if roots
             else (BUNDLED_MODELS,),
             "shard_timeout_s": float(e.get("TPM_FAAS_SHARD_TIMEOUT", "300")),
+            "inline_limit_bytes": int(e.get("TPM_FAAS_INLINE_LIMIT", "4000000")),
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
@@ -85,9 +94,12 @@ class Settings:
             "TPM_FAAS_LEDGER": self.ledger_url,
             "TPM_FAAS_MODELS": ":".join(str(p) for p in self.model_roots),
             "TPM_FAAS_SHARD_TIMEOUT": str(self.shard_timeout_s),
+            "TPM_FAAS_INLINE_LIMIT": str(self.inline_limit_bytes),
         }
         if self.dev_tokens_path is not None:
             env["TPM_FAAS_DEV_TOKENS"] = str(self.dev_tokens_path)
         if self.mapped_identity:
             env["TPM_FAAS_MAPPED_IDENTITY"] = self.mapped_identity
+        if self.globus_groups:
+            env["TPM_FAAS_GLOBUS_GROUPS"] = "1"
         return env

@@ -72,12 +72,13 @@ def run_demo(
                 PROMPT,
                 [
                     {"op": "logit_lens", "layers": "*", "positions": [-1], "top_k": 5},
-                    {"op": "save", "layers": [1, 3], "positions": [-1]},
+                    {"op": "save", "site": "hook_resid_post", "layers": [1, 3], "positions": [-1]},
+                    {"op": "save", "site": "attn.hook_z", "layers": [0], "positions": [-1]},
                 ],
             )
             _record(summary, i1)
             emit(_heading("intervene: logit lens at the last prompt token (top 5 per layer)"))
-            for row in i1.output["logit_lens"]:
+            for row in i1.logit_lens:
                 tops = "  ".join(f"{t['token']!s:>3} {t['prob']:.2f}" for t in row["top"])
                 emit(f"  layer {row['layer']}  {tops}")
             for site_name, arr in i1.saved.items():
@@ -86,16 +87,27 @@ def run_demo(
                 )
             emit(_usage_line(i1))
 
-            src = client.intervene(STEER_FROM, [{"op": "save", "layers": [1], "positions": None}])
+            src = client.intervene(STEER_FROM, [{"op": "save", "site": "blocks.1.hook_resid_post"}])
             vec = src.saved["blocks.1.hook_resid_post"].mean(axis=0)
             i2 = client.intervene(
                 PROMPT,
-                [{"op": "add", "layer": 1, "vector": vec, "scale": 3.0}],
+                [
+                    {
+                        "op": "add",
+                        "site": "blocks.2.hook_resid_post",
+                        "vector": vec,
+                        "scale": 0.5,
+                        "generation": True,
+                    }
+                ],
                 max_new_tokens=48,
             )
             _record(summary, i2, key="intervene_steer")
             emit(
-                _heading("intervene: steering (add 3 x mean resid_post of another text at layer 1)")
+                _heading(
+                    "intervene: steering (add 0.5 x another text's mean resid_post at "
+                    "layer 2, every token)"
+                )
             )
             emit(f"  steered from : {STEER_FROM!r}")
             emit(f"  unsteered    : {q.text!r}")

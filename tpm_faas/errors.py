@@ -42,6 +42,9 @@ class TPMError(Exception):
     #: The class's default code; an instance may carry another (see ``__init__``).
     code: str = "internal"
     exit_code: ClassVar[int] = 1
+    #: Which layer refused or failed the request: request, auth, policy, rate_limit, ledger,
+    #: shard, config or internal.
+    layer: ClassVar[str] = "internal"
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -59,6 +62,7 @@ class TPMError(Exception):
         return {
             "type": type(self).__name__,
             "code": self.error_code,
+            "layer": self.layer,
             "message": self.message,
             "request_id": request_id or self.request_id,
         }
@@ -68,6 +72,7 @@ class TPMError(Exception):
 
 
 class RequestError(TPMError, ValueError):
+    layer = "request"
     """The request itself is wrong; fix it and send it again."""
 
     code = "bad_request"
@@ -86,6 +91,11 @@ class LimitExceeded(RequestError):
     code = "limit_exceeded"
 
 
+class RateLimited(LimitExceeded):
+    code = "rate_limited"
+    layer = "rate_limit"
+
+
 class TensorError(RequestError):
     code = "bad_tensor"
 
@@ -95,6 +105,7 @@ class AuthError(TPMError, PermissionError):
 
     code = "unauthorized"
     exit_code = 3
+    layer = "auth"
 
 
 class TokenMissing(AuthError):
@@ -118,11 +129,13 @@ class PolicyDenied(TPMError, PermissionError):
 
     code = "policy_denied"
     exit_code = 4
+    layer = "policy"
 
 
 class LedgerError(TPMError):
     code = "ledger_error"
     exit_code = 5
+    layer = "ledger"
 
 
 class InsufficientFunds(LedgerError):
@@ -138,6 +151,7 @@ class ShardGroupError(TPMError, RuntimeError):
 
     code = "shard_unavailable"
     exit_code = 6
+    layer = "shard"
 
 
 class ShardTimeout(ShardGroupError, TimeoutError):
@@ -149,6 +163,7 @@ class ConfigError(TPMError):
 
     code = "config_error"
     exit_code = 7
+    layer = "config"
 
 
 class RemoteError(TPMError):
@@ -168,10 +183,12 @@ class RemoteError(TPMError):
         code: str,
         remote_type: str = "TPMError",
         request_id: str | None = None,
+        layer: str = "internal",
     ) -> None:
         super().__init__(message, code=code)
         self.remote_type = remote_type
         self.request_id = request_id
+        self.remote_layer = layer
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> RemoteError:
@@ -180,4 +197,5 @@ class RemoteError(TPMError):
             code=str(record.get("code", "internal")),
             remote_type=str(record.get("type", "TPMError")),
             request_id=record.get("request_id"),
+            layer=str(record.get("layer", "internal")),
         )

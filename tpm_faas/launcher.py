@@ -1,34 +1,153 @@
 """Start, watch and stop shard groups through Parsl: the only module that imports parsl.
 
 A shard group is ``tp_size`` long-running Parsl tasks (one per rank) on one block of a Parsl
-provider. Here that is a ``LocalProvider``; at sites the same code takes a Slurm or PBS
-provider from configuration. The ranks stay warm until :meth:`ShardGroup.stop`.
+provider. Where the block runs is an :class:`Allocation`: the machine itself
+(``LocalProvider``), or a batch job on a Slurm or PBS Pro cluster (``SlurmProvider``,
+``PBSProProvider``), on the provider's allocation or on one a user owns ("bring your own").
+The ranks stay warm until :meth:`ShardGroup.stop`, which also ends the batch job.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
+import re
+import shutil
 import sys
 import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tpm_faas.config import Settings
-from tpm_faas.errors import ShardGroupError, TPMError
+from tpm_faas.errors import ConfigError, ShardGroupError, TPMError
 from tpm_faas.registry import GroupEntry, Registry
 from tpm_faas.shard_client import ShardClient
 
 log = logging.getLogger(__name__)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+_WALLTIME = re.compile(r"^\d{1,4}:[0-5]\d:[0-5]\d$")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Where a shard group's block runs, and on whose account.
+
+    :param kind: ``provider`` (the site's allocation, shared by everyone) or ``byo`` (an
+        allocation the user owns; the scheduler bills it, the ledger still records use)
+    :param provider: ``local``, ``slurm`` or ``pbspro``
+    :param launcher: how the worker pool starts in the job: ``simple``, ``srun``, ``mpiexec``
+    :param account: the scheduler account charged (``--account`` / ``-A``)
+    :param partition: Slurm partition or PBS queue
+    :param walltime: ``HH:MM:SS`` of the batch job
+    :param nodes: nodes per block: a shard group's ranks are spread evenly over them
+    :param gpus_per_node: GPUs requested per node (Slurm ``--gpus-per-node``)
+    :param worker_init: shell lines run before the workers start (modules, venv)
+    :param address: address the workers reach the interchange at (the submit host)
+    """
+
+    kind: str = "provider"
+    provider: str = "local"
+    launcher: str = "simple"
+    account: str | None = None
+    partition: str | None = None
+    walltime: str = "01:00:00"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    worker_init: str = ""
+    address: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        types: dict[str, type] = {
+            "nodes": int,
+            "gpus_per_node": int,
+            "walltime": str,
+            "worker_init": str,
+        }
+        for field_name, kind in types.items():
+            got = getattr(self, field_name)
+            if not isinstance(got, kind) or isinstance(got, bool):
+                raise ConfigError(
+                    f"allocation {field_name}={got!r}: must be {kind.__name__}"
+                    + (' (quote it: "HH:MM:SS")' if field_name == "walltime" else "")
+                )
+        checks = [
+            ("kind", self.kind in ("provider", "byo"), "provider or byo"),
+            ("provider", self.provider in ("local", "slurm", "pbspro"), "local, slurm or pbspro"),
+            ("launcher", self.launcher in ("simple", "srun", "mpiexec"), "simple, srun, mpiexec"),
+            ("walltime", bool(_WALLTIME.match(self.walltime)), "HH:MM:SS"),
+            ("nodes", 1 <= self.nodes <= 1024, "1..1024"),
+            (
+                "launcher",
+                self.nodes == 1 or self.launcher != "simple",
+                "srun or mpiexec for a block of several nodes (a worker pool on each)",
+            ),
+            ("gpus_per_node", 0 <= self.gpus_per_node <= 64, "0..64"),
+        ]
+        for name in ("account", "partition"):
+            value = getattr(self, name)
+            ok = value is None or (isinstance(value, str) and bool(_NAME.match(value)))
+            checks.append((name, ok, "letters, digits and _.+- (at most 64)"))
+        for name, ok, want in checks:
+            if not ok:
+                raise ConfigError(f"allocation {name}={getattr(self, name)!r}: must be {want}")
+        if self.provider != "local" and self.kind == "byo" and not self.account:
+            raise ConfigError("a bring-your-own allocation on a scheduler needs an account")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Allocation:
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown allocation settings: {', '.join(sorted(unknown))}")
+        return cls(**raw)
+
+    def describe(self) -> str:
+        if self.provider == "local":
+            return "this machine (LocalProvider)"
+        where = f"{self.provider} partition {self.partition or '(default)'}"
+        return f"{where}, account {self.account or '(default)'}, {self.kind} allocation"
+
+    def parsl_provider(self, bindir: Path) -> Any:
+        from parsl.launchers import MpiExecLauncher, SimpleLauncher, SrunLauncher
+        from parsl.providers import LocalProvider, PBSProProvider, SlurmProvider
+
+        init = f"export PATH={bindir}:$PATH\n{self.worker_init}".strip()
+        launcher = {"simple": SimpleLauncher, "srun": SrunLauncher, "mpiexec": MpiExecLauncher}[
+            self.launcher
+        ]()
+        blocks: dict[str, Any] = {
+            "init_blocks": 1,
+            "min_blocks": 1 if self.provider == "local" else 0,
+            "max_blocks": 1,
+        }
+        if self.provider == "local":
+            return LocalProvider(worker_init=init, **blocks)
+        if self.provider == "slurm":
+            return SlurmProvider(
+                partition=self.partition,
+                account=self.account,
+                nodes_per_block=self.nodes,
+                gpus_per_node=self.gpus_per_node or None,
+                walltime=self.walltime,
+                worker_init=init,
+                exclusive=False,
+                launcher=launcher,
+                cmd_timeout=60,
+                **blocks,
+            )
+        return PBSProProvider(
+            account=self.account,
+            queue=self.partition,
+            nodes_per_block=self.nodes,
+            select_options=f"ngpus={self.gpus_per_node}" if self.gpus_per_node else "",
+            walltime=self.walltime,
+            worker_init=init,
+            launcher=launcher,
+            **blocks,
+        )
 
 
 @dataclass
@@ -42,6 +161,8 @@ class ShardGroup:
     :param dtype: ``float32`` or ``bfloat16``
     :param max_batch: sequences decoded together at most (the KV cache's slots)
     :param max_wait_ms: how long an idle group waits for more requests to batch with
+    :param allocation: where the block runs (default: this machine)
+    :param replica: this group's name among the model's replicas ("" when it is the only one)
     """
 
     model: str
@@ -51,6 +172,8 @@ class ShardGroup:
     dtype: str = "float32"
     max_batch: int = 8
     max_wait_ms: float = 0.0
+    allocation: Allocation = field(default_factory=Allocation)
+    replica: str = ""
     _dfk: Any = field(default=None, init=False, repr=False)
     _futures: list[Future[Any]] = field(default_factory=list, init=False, repr=False)
     entry: GroupEntry | None = field(default=None, init=False)
@@ -61,34 +184,31 @@ class ShardGroup:
         from parsl.config import Config
         from parsl.dataflow.dflow import DataFlowKernel
         from parsl.executors import HighThroughputExecutor
-        from parsl.providers import LocalProvider
 
         from tpm_faas.runtime.model_store import resolve
         from tpm_faas.runtime.rank import serve_rank
 
         if self.tp_size < 1:
             raise ShardGroupError("tp_size must be at least 1")
+        nodes = self.allocation.nodes
+        if self.tp_size % nodes:
+            raise ConfigError(f"tp={self.tp_size} ranks do not spread evenly over {nodes} nodes")
         model_dir = resolve(self.model, self.settings.model_roots)
         registry = Registry(self.settings.registry_dir)
-        registry.unregister(self.model)  # a stale entry from a group that died
+        registry.unregister(self.model, replica=self.replica)  # left by a group that died
         self.run_dir.mkdir(parents=True, exist_ok=True)
         bindir = Path(sys.executable).parent
         executor = HighThroughputExecutor(
             label=f"shards-{self.model.replace('@', '-')}",
-            address="127.0.0.1",
+            address=self.allocation.address,
             loopback_address="127.0.0.1",
-            max_workers_per_node=self.tp_size,
+            max_workers_per_node=self.tp_size // nodes,  # ranks per node
             cores_per_worker=0.01,  # ranks are placed by us, not by Parsl's core count
             heartbeat_period=5,
             heartbeat_threshold=30,
             poll_period=100,
             encrypted=False,
-            provider=LocalProvider(
-                init_blocks=1,
-                min_blocks=1,
-                max_blocks=1,
-                worker_init=f"export PATH={bindir}:$PATH",
-            ),
+            provider=self.allocation.parsl_provider(bindir),
         )
         config = Config(
             executors=[executor],
@@ -97,21 +217,26 @@ class ShardGroup:
             initialize_logging=False,
             usage_tracking=0,
         )
-        _say(progress, f"starting {self.tp_size} rank(s) of {self.model} through Parsl")
+        _say(
+            progress,
+            f"starting {self.tp_size} rank(s) of {self.model} through Parsl on "
+            f"{self.allocation.describe()}",
+        )
         self._dfk = DataFlowKernel(config)
         app = python_app(serve_rank, data_flow_kernel=self._dfk, executors=[executor.label])
-        port = _free_port()
+        rendezvous = self.run_dir / f"rendezvous-{uuid.uuid4().hex[:12]}"
         self._futures = [
             app(
                 rank,
                 self.tp_size,
-                port,
+                str(rendezvous),
                 self.model,
                 str(model_dir),
                 str(self.settings.registry_dir),
                 self.dtype,
                 max_batch=self.max_batch,
                 max_wait_ms=self.max_wait_ms,
+                replica=self.replica,
             )
             for rank in range(self.tp_size)
         ]
@@ -121,10 +246,17 @@ class ShardGroup:
                 if f.done():
                     err = f.exception()
                     self._cleanup()
-                    raise ShardGroupError(f"a rank of {self.model} exited during start-up: {err!r}")
+                    raise ShardGroupError(
+                        f"a rank of {self.model} exited during start-up on "
+                        f"{self.allocation.describe()}: {err}"
+                    )
             try:
-                entry = registry.lookup(self.model)
+                mine = [e for e in registry.entries(self.model) if e.replica == self.replica]
+                if not mine:
+                    raise ShardGroupError("not registered yet")
+                entry = mine[0]
                 ShardClient(entry.address).ping(timeout_s=5)
+                shutil.rmtree(rendezvous, ignore_errors=True)  # every rank has joined
                 self.entry = entry
                 _say(progress, f"{self.model} is serving at {entry.address} (tp={self.tp_size})")
                 return entry
@@ -167,7 +299,7 @@ class ShardGroup:
         finally:
             if self.entry is not None:
                 Registry(self.settings.registry_dir).unregister(
-                    self.model, address=self.entry.address
+                    self.model, address=self.entry.address, replica=self.replica
                 )
             self._cleanup()
 
@@ -183,6 +315,70 @@ class ShardGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass
+class ReplicaSet:
+    """Replicas of one model's shard group: scaled in and out, restarted when unhealthy.
+
+    Each replica is a :class:`ShardGroup` (named ``r0``, ``r1``, ...) with its own batch job
+    or local block, registered separately; the gateway spreads requests over the replicas
+    whose heartbeat is fresh.
+    """
+
+    model: str
+    tp_size: int
+    settings: Settings
+    run_dir: Path
+    dtype: str = "float32"
+    allocation: Allocation = field(default_factory=Allocation)
+    max_batch: int = 8
+    max_wait_ms: float = 0.0
+    groups: dict[str, ShardGroup] = field(default_factory=dict)
+
+    def scale(self, n: int, *, progress: Any = None) -> list[GroupEntry]:
+        """Run exactly ``n`` replicas: start the missing ones, stop the newest extra ones."""
+        if n < 0:
+            raise ConfigError("replicas cannot be negative")
+        for name in sorted(self.groups, key=lambda r: int(r[1:]), reverse=True)[
+            : max(0, len(self.groups) - n)
+        ]:
+            _say(progress, f"scaling in: stopping replica {name} of {self.model}")
+            self.groups.pop(name).stop()
+        k = 0
+        while len(self.groups) < n:
+            name = f"r{k}"
+            k += 1
+            if name in self.groups:
+                continue
+            group = ShardGroup(
+                self.model,
+                self.tp_size,
+                self.settings,
+                self.run_dir / name,
+                dtype=self.dtype,
+                max_batch=self.max_batch,
+                max_wait_ms=self.max_wait_ms,
+                allocation=self.allocation,
+                replica=name,
+            )
+            _say(progress, f"scaling out: starting replica {name} of {self.model}")
+            group.start(progress=progress)
+            self.groups[name] = group
+        return [g.entry for g in self.groups.values() if g.entry is not None]
+
+    def supervise(self, *, progress: Any = None) -> list[str]:
+        """Restart every replica that is not healthy; returns their names."""
+        restarted = []
+        for name, group in sorted(self.groups.items()):
+            if not group.healthy():
+                _say(progress, f"replica {name} of {self.model} is unhealthy: restarting it")
+                group.restart(progress=progress)
+                restarted.append(name)
+        return restarted
+
+    def stop(self) -> None:
+        self.scale(0)
 
 
 def _say(progress: Any, msg: str) -> None:

@@ -1,20 +1,28 @@
-"""Where a running shard group can be found: one small JSON file per ``model@version``.
+"""Where running shard groups can be found: one small JSON file per replica of a model.
 
-Rank 0 of a shard group writes its entry when it is ready to serve and removes it when it
-stops; the mode functions read it to reach the group. Writes are atomic (write then rename),
-so a reader never sees half an entry.
+Rank 0 of a shard group writes its entry when it is ready to serve, rewrites it as a
+heartbeat every few seconds, and removes it when it stops; the mode functions read it to reach
+the group. A model may have several replicas (``<model>.json``, ``<model>~<replica>.json``);
+:meth:`Registry.lookup` picks one of those with a fresh heartbeat. Writes are atomic (write
+then rename), so a reader never sees half an entry.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tpm_faas.errors import UnknownModel
+from tpm_faas.errors import ShardGroupError, UnknownModel
+
+#: Seconds between a serving group's heartbeats, and after which an entry counts as dead.
+HEARTBEAT_S = 5.0
+STALE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,9 @@ class ModelInfo:
     tokenizer: str
     checkpoint_sha256: str
     dtype: str
+    architecture: str = "llama"
+    num_heads: int = 1
+    head_dim: int = 1
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     heads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -44,6 +55,14 @@ class GroupEntry:
     host: str
     started_at: float
     versions: dict[str, str] = field(default_factory=dict)
+    replica: str = ""
+    heartbeat_at: float = 0.0
+
+    def fresh(self, now: float | None = None) -> bool:
+        """Whether the group's last heartbeat is recent (entries without one count as fresh)."""
+        if self.heartbeat_at <= 0:
+            return True
+        return (now if now is not None else time.time()) - self.heartbeat_at < STALE_S
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -60,19 +79,19 @@ class Registry:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def _path(self, model: str) -> Path:
-        return self.root / f"{model}.json"
+    def _path(self, model: str, replica: str = "") -> Path:
+        return self.root / (f"{model}~{replica}.json" if replica else f"{model}.json")
 
     def register(self, entry: GroupEntry) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")
         with os.fdopen(fd, "w") as f:
             f.write(entry.to_json())
-        os.replace(tmp, self._path(entry.model.name))
+        os.replace(tmp, self._path(entry.model.name, entry.replica))
 
-    def unregister(self, model: str, *, address: str | None = None) -> None:
-        """Remove ``model``'s entry (only if it still names ``address``, when given)."""
-        path = self._path(model)
+    def unregister(self, model: str, *, address: str | None = None, replica: str = "") -> None:
+        """Remove a replica's entry (only if it still names ``address``, when given)."""
+        path = self._path(model, replica)
         try:
             if address is not None and GroupEntry.from_json(path.read_text()).address != address:
                 return
@@ -80,15 +99,36 @@ class Registry:
         except FileNotFoundError:
             pass
 
+    def entries(self, model: str) -> list[GroupEntry]:
+        """Every registered replica of ``model`` (live or not)."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in [self._path(model), *sorted(self.root.glob(f"{model}~*.json"))]:
+            try:
+                out.append(GroupEntry.from_json(p.read_text()))
+            except (FileNotFoundError, ValueError, TypeError, KeyError):
+                continue
+        return out
+
     def lookup(self, model: str) -> GroupEntry:
-        """The group serving ``model``, or :class:`UnknownModel`."""
-        try:
-            return GroupEntry.from_json(self._path(model).read_text())
-        except FileNotFoundError:
+        """A live replica serving ``model`` (chosen at random among those with a fresh
+        heartbeat), :class:`UnknownModel` if none is registered, or
+        :class:`ShardGroupError` if every registered replica has stopped beating."""
+        entries = self.entries(model)
+        if not entries:
             served = ", ".join(self.models()) or "none"
-            raise UnknownModel(f"model {model} is not served here (served: {served})") from None
+            raise UnknownModel(f"model {model} is not served here (served: {served})")
+        live = [e for e in entries if e.fresh()]
+        if not live:
+            raise ShardGroupError(
+                f"model {model}'s shard groups have sent no heartbeat for {STALE_S:.0f} s"
+            )
+        return random.choice(live)
 
     def models(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.stem for p in self.root.glob("*.json") if not p.name.startswith("."))
+        return sorted(
+            {p.stem.split("~")[0] for p in self.root.glob("*.json") if not p.name.startswith(".")}
+        )

@@ -12,7 +12,7 @@ import binascii
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tpm_faas.errors import TensorError
 
@@ -78,6 +78,16 @@ class TensorPayload(Strict):
         return cls(dtype=dtype, shape=shape, data=base64.b64encode(buf).decode("ascii"))  # type: ignore[arg-type]
 
 
+def _prompt_shorthand(data: object) -> object:
+    """Accept ``"prompt": "..."`` as a shorthand for ``"prompts": ["..."]``."""
+    if isinstance(data, dict) and "prompt" in data:
+        if "prompts" in data:
+            raise ValueError("give either 'prompt' or 'prompts', not both")
+        data = dict(data)
+        data["prompts"] = [data.pop("prompt")]
+    return data
+
+
 class _ModeRequest(Strict):
     model: ModelRef
     request_id: RequestId | None = None
@@ -97,13 +107,7 @@ class QueryRequest(_ModeRequest):
     @model_validator(mode="before")
     @classmethod
     def _one_prompt(cls, data: object) -> object:
-        # Accept "prompt": "..." as a shorthand for "prompts": ["..."].
-        if isinstance(data, dict) and "prompt" in data:
-            if "prompts" in data:
-                raise ValueError("give either 'prompt' or 'prompts', not both")
-            data = dict(data)
-            data["prompts"] = [data.pop("prompt")]
-        return data
+        return _prompt_shorthand(data)
 
 
 class EmbedRequest(_ModeRequest):
@@ -134,60 +138,135 @@ class EmbedRequest(_ModeRequest):
         return self
 
 
-LayerSelector = list[Annotated[int, Field(ge=0, le=4096)]] | Literal["*"]
-Positions = list[Annotated[int, Field(ge=-65536, le=65536)]] | None
+class Range(Strict):
+    """``start, start + step, ...`` below ``stop`` (Python's ``range``); negative positions
+    count from the end of the prompt."""
+
+    start: int = Field(ge=-65536, le=65536)
+    stop: int = Field(ge=-65536, le=65536)
+    step: int = Field(default=1, ge=1, le=65536)
 
 
-class SaveOp(Strict):
-    """Return the residual stream after the given layers, at the given token positions."""
+TensorName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+
+class TensorRef(Strict):
+    """A tensor of the request's ``tensors`` table, by name (send a vector once, use it often)."""
+
+    ref: TensorName
+
+
+Index = Annotated[int, Field(ge=-65536, le=65536)]
+LayerSelector = list[Annotated[int, Field(ge=0, le=65536)]] | Range | Literal["*"]
+PositionSelector = list[Index] | Range | None
+HeadSelector = list[Annotated[int, Field(ge=0, le=65536)]] | Literal["*"] | None
+TensorValue = TensorPayload | TensorRef
+Scale = Annotated[float, Field(ge=-1e4, le=1e4, allow_inf_nan=False)]
+
+
+class _SiteOp(Strict):
+    """Where an op acts: a site, its layers, the prompts and token positions, and whether it
+    also acts on every generated token.
+
+    ``site`` is a block site (``hook_resid_post``, ``attn.hook_z``, ...) together with
+    ``layers``, or a full name (``blocks.3.hook_resid_post``, ``embed``, ``ln_final``,
+    ``unembed``) without them. ``positions`` selects prompt tokens (default: all of them);
+    ``prompts`` selects prompts of the request by index (default: all of them).
+    """
+
+    site: str = Field(max_length=64)
+    layers: LayerSelector | None = None
+    positions: PositionSelector = None
+    prompts: list[Annotated[int, Field(ge=0, le=1023)]] | None = Field(
+        default=None, max_length=1024
+    )
+    heads: HeadSelector = None
+    generation: bool = False
+
+
+class SaveOp(_SiteOp):
+    """Return the site's values (after this request's writes at the site)."""
 
     op: Literal["save"]
-    site: Literal["hook_resid_post"] = "hook_resid_post"
-    layers: LayerSelector
-    positions: Positions = None
 
 
-class AddOp(Strict):
-    """Add ``scale * vector`` to the residual stream after one layer (a steering vector)."""
+class SetOp(_SiteOp):
+    """Replace the site's values by ``value`` (one token's shape, or one row per position)."""
+
+    op: Literal["set"]
+    value: TensorValue
+
+
+class AddOp(_SiteOp):
+    """Add ``scale * vector`` (one token's shape; a steering vector)."""
 
     op: Literal["add"]
-    site: Literal["hook_resid_post"] = "hook_resid_post"
-    layer: int = Field(ge=0, le=4096)
-    vector: TensorPayload
-    scale: float = Field(default=1.0, ge=-1e4, le=1e4, allow_inf_nan=False)
-    positions: Positions = None
+    vector: TensorValue
+    scale: Scale = 1.0
 
 
-class LogitLensOp(Strict):
-    """Top-k next-token predictions read off the residual stream after each layer."""
+class AblateOp(_SiteOp):
+    """Zero the site, or set it to its mean over the prompt's tokens."""
+
+    op: Literal["ablate"]
+    method: Literal["zero", "mean"] = "zero"
+
+
+class PatchOp(_SiteOp):
+    """Copy the site's values from another (earlier) prompt of the same request, at
+    ``source_positions`` of the source (by default ``positions`` again, resolved against the
+    source prompt) into ``positions`` of each target prompt."""
+
+    op: Literal["patch"]
+    source: int = Field(ge=0, le=1023)
+    source_positions: PositionSelector = None
+
+
+class ScaleHeadsOp(_SiteOp):
+    """Multiply chosen heads of ``attn.hook_z`` by ``scale``."""
+
+    op: Literal["scale_heads"]
+    site: str = Field(default="attn.hook_z", max_length=64)
+    scale: Scale = 0.0
+
+
+class LogitLensOp(_SiteOp):
+    """Top-k next-token predictions read off the residual stream (final norm, then unembed)."""
 
     op: Literal["logit_lens"]
-    layers: LayerSelector = "*"
-    positions: Positions = Field(default_factory=lambda: [-1])
+    site: str = Field(default="hook_resid_post", max_length=64)
+    layers: LayerSelector | None = "*"
+    positions: PositionSelector = Field(default_factory=lambda: [-1])
     top_k: int = Field(default=5, ge=1, le=50)
 
 
-InterventionOp = Annotated[SaveOp | AddOp | LogitLensOp, Field(discriminator="op")]
+InterventionOp = Annotated[
+    SaveOp | SetOp | AddOp | AblateOp | PatchOp | ScaleHeadsOp | LogitLensOp,
+    Field(discriminator="op"),
+]
+#: Ops that write hidden states (they need the policy's write permission).
+WRITE_OPS = frozenset({"set", "add", "ablate", "patch", "scale_heads"})
 
 
 class InterveneRequest(_ModeRequest):
-    """A prompt and a declarative list of reads and writes at named hook sites."""
+    """Prompts and a declarative list of reads and writes at named hook sites.
 
-    prompt: str = Field(min_length=1)
+    Ops run in the order given at each site; a read sees the site after every write to it.
+    """
+
+    prompts: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=64)
+    tensors: dict[TensorName, TensorPayload] = Field(default_factory=dict, max_length=64)
     ops: list[InterventionOp] = Field(min_length=1, max_length=64)
     max_new_tokens: int = Field(default=0, ge=0, le=32768)
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, lt=2**63)
+    stop_at_eos: bool = True
 
-    @field_validator("ops")
+    @model_validator(mode="before")
     @classmethod
-    def _vectors_are_float(cls, ops: list[InterventionOp]) -> list[InterventionOp]:
-        for i, op in enumerate(ops):
-            if isinstance(op, AddOp):
-                if op.vector.dtype not in ("float32", "bfloat16", "float16"):
-                    raise TensorError(f"ops[{i}].vector must be floating point")
-                if len(op.vector.shape) != 1:
-                    raise TensorError(f"ops[{i}].vector must be 1-D, got shape {op.vector.shape}")
-        return ops
+    def _one_prompt(cls, data: object) -> object:
+        return _prompt_shorthand(data)
 
 
 MODE_REQUESTS: dict[str, type[_ModeRequest]] = {
@@ -195,3 +274,13 @@ MODE_REQUESTS: dict[str, type[_ModeRequest]] = {
     "embed": EmbedRequest,
     "intervene": InterveneRequest,
 }
+
+
+def json_schema(mode: str) -> str:
+    """The JSON Schema of ``mode``'s requests, as published in ``docs/schemas/``."""
+    import json
+
+    schema = MODE_REQUESTS[mode].model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://tpm-faas.example/schemas/{mode}.schema.json"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"

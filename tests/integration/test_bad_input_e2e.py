@@ -98,7 +98,7 @@ CASES: list[tuple[str, str, str, str | None, str, str]] = [
     (
         "steering-vector-wrong-width",
         "intervene",
-        i(ops=[{"op": "add", "layer": 0, "vector": _tensor([8])}]),
+        i(ops=[{"op": "add", "site": "blocks.0.hook_resid_post", "vector": _tensor([8])}]),
         "dev",
         "bad_tensor",
         "needs [256]",
@@ -106,7 +106,7 @@ CASES: list[tuple[str, str, str, str | None, str, str]] = [
     (
         "layer-out-of-range",
         "intervene",
-        i(ops=[{"op": "save", "layers": [9]}]),
+        i(ops=[{"op": "save", "site": "hook_resid_post", "layers": [9]}]),
         "dev",
         "bad_request",
         "out of range",
@@ -133,7 +133,7 @@ CASES: list[tuple[str, str, str, str | None, str, str]] = [
     (
         "write-not-allowed-by-policy",
         "intervene",
-        i(ops=[{"op": "add", "layer": 0, "vector": _tensor([256])}]),
+        i(ops=[{"op": "add", "site": "blocks.0.hook_resid_post", "vector": _tensor([256])}]),
         "reader",
         "policy_denied",
         "add",

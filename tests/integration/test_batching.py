@@ -173,7 +173,7 @@ def test_static_decode_step_equals_dynamic(model: Any) -> None:
     pos = [len(tok.encode(p)) for p in prompts]
     for _ in range(8):
         a = dyn.decode([0, 1, 2], last, pos)
-        b = dense.decode_dense(torch.tensor([*last, 0]), torch.tensor([*pos, 0]))[:3]
+        b = dense.decode_dense(torch.tensor([*last, 0]), torch.tensor([*pos, 0]))[0][:3]
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         last = [int(r.argmax()) for r in a]
         pos = [q + 1 for q in pos]
@@ -217,3 +217,16 @@ def test_abort_fails_every_request_and_frees_the_slots(model: Any) -> None:
     s.submit("next", "n", body(PROMPTS[0], n=8))
     drain(s, again)
     assert ids_of(again["next"]) == ids_of(alone(model, body(PROMPTS[0], n=8)))
+
+
+def test_a_request_with_more_prompts_than_slots_completes(model: Any) -> None:
+    """Each finished prompt frees its slot at once, so 7 prompts run through 2 slots, and
+    each equals the prompt alone (finished sequences never hold the others back)."""
+    s = make_scheduler(model, slots=2)
+    prompts = [*PROMPTS, "And Noah", "Now the serpent", "And Jacob"][:7]
+    s.submit("many", "r", {"prompts": prompts, "max_new_tokens": 6, "stop_at_eos": False})
+    out: dict[Any, dict[str, Any]] = {}
+    drain(s, out, steps=500)
+    assert not s.busy and out["many"]["ok"], out
+    for p, got in zip(prompts, ids_of(out["many"]), strict=True):
+        assert got == ids_of(alone(model, body(p, n=6, stop_at_eos=False)))[0]

@@ -45,3 +45,51 @@ def test_dead_rank_is_detected_and_the_group_restarts(tmp_path: Path) -> None:
     for pid in (m["pid"] for m in ranks):  # nothing of the first group survives
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_replicas_scale_beat_and_are_restarted_by_the_supervisor(tmp_path: Path) -> None:
+    """Two replicas registered with heartbeats; the registry spreads lookups over them; a
+    killed replica is restarted by supervise(); scaling in removes one; stop removes all."""
+    from tpm_faas.errors import ShardGroupError
+    from tpm_faas.launcher import ReplicaSet
+    from tpm_faas.registry import Registry
+    from tpm_faas.shard_client import ShardClient
+
+    settings = Settings.from_env({}, home=tmp_path)
+    registry = Registry(settings.registry_dir)
+    rs = ReplicaSet("demo-tpm@1", 1, settings, tmp_path / "runs")
+    try:
+        entries = rs.scale(2)
+        assert sorted(e.replica for e in entries) == ["r0", "r1"]
+        assert sorted(e.replica for e in registry.entries("demo-tpm@1")) == ["r0", "r1"]
+        assert registry.models() == ["demo-tpm@1"]
+        seen = {registry.lookup("demo-tpm@1").replica for _ in range(40)}
+        assert seen == {"r0", "r1"}  # requests spread over the live replicas
+        beat = {e.replica: e.heartbeat_at for e in registry.entries("demo-tpm@1")}
+        time.sleep(6)  # one heartbeat period (idle groups beat too)
+        assert all(e.heartbeat_at > beat[e.replica] for e in registry.entries("demo-tpm@1"))
+        victim = rs.groups["r1"].client().ping()["memory"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while rs.groups["r1"].healthy() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert rs.supervise() == ["r1"]
+        assert rs.supervise() == []
+        out = rs.groups["r1"].client().call("generate", BODY)
+        assert out["completions"][0]["completion_tokens"] == 8
+        rs.scale(1)
+        assert [e.replica for e in registry.entries("demo-tpm@1")] == ["r0"]
+        ShardClient(registry.lookup("demo-tpm@1").address).ping()
+    finally:
+        rs.stop()
+    assert registry.entries("demo-tpm@1") == []
+    # An entry whose group stopped beating is not used.
+    from dataclasses import replace
+
+    from tpm_faas.registry import GroupEntry, ModelInfo
+
+    info = ModelInfo("demo-tpm@1", 1, 1, 1, 1, "bytes", "0", "float32")
+    registry.register(GroupEntry(info, "tcp://127.0.0.1:9", 1, 0, "h", 0.0))
+    registry.register(replace(registry.entries("demo-tpm@1")[0], heartbeat_at=time.time() - 99))
+    with pytest.raises(ShardGroupError, match="no heartbeat"):
+        registry.lookup("demo-tpm@1")

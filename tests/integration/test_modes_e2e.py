@@ -69,37 +69,71 @@ def test_intervene_logit_lens_matches_generation(site: EmbeddedSite) -> None:
         PROMPT,
         [
             {"op": "logit_lens", "layers": "*", "top_k": 3},
-            {"op": "save", "layers": [0, 3], "positions": [-1, 0]},
+            {"op": "save", "site": "hook_resid_post", "layers": [0, 3], "positions": [-1, 0]},
         ],
     )
-    table = r.output["logit_lens"]
+    table = r.logit_lens
     assert [row["layer"] for row in table] == [0, 1, 2, 3]
     # The lens at the last layer is the model's own next-token distribution.
     assert table[-1]["top"][0]["id"] == greedy
     saved = r.saved
     assert set(saved) == {"blocks.0.hook_resid_post", "blocks.3.hook_resid_post"}
     assert saved["blocks.3.hook_resid_post"].shape == (2, 256)
+    assert r.output["results"][0]["saved"]["blocks.0.hook_resid_post"]["positions"] == [0, 26]
     assert r.usage["hooked_sites"] == 4
+    assert len(r.receipt["intervention_sha256"]) == 64
 
 
 def test_intervene_steering_changes_the_output(site: EmbeddedSite) -> None:
     c = site.client()
     plain = c.intervene(
-        PROMPT, [{"op": "save", "layers": [1], "positions": [-1]}], max_new_tokens=24
+        PROMPT,
+        [{"op": "save", "site": "hook_resid_post", "layers": [1], "positions": [-1]}],
+        max_new_tokens=24,
     )
     vec = (
-        c.intervene("Egypt, Egypt, Egypt", [{"op": "save", "layers": [1]}])
+        c.intervene("Egypt, Egypt, Egypt", [{"op": "save", "site": "blocks.1.hook_resid_post"}])
         .saved["blocks.1.hook_resid_post"]
         .mean(0)
     )
+    site_ = "blocks.1.hook_resid_post"
     zero = c.intervene(
-        PROMPT, [{"op": "add", "layer": 1, "vector": np.zeros_like(vec)}], max_new_tokens=24
+        PROMPT,
+        [{"op": "add", "site": site_, "vector": np.zeros_like(vec), "generation": True}],
+        max_new_tokens=24,
     )
     steered = c.intervene(
-        PROMPT, [{"op": "add", "layer": 1, "vector": vec, "scale": 4.0}], max_new_tokens=24
+        PROMPT,
+        [{"op": "add", "site": site_, "vector": vec, "scale": 1.5, "generation": True}],
+        max_new_tokens=24,
     )
     assert zero.text == plain.text == c.generate(PROMPT, max_new_tokens=24).text
     assert steered.text != plain.text
+    assert steered.usage["output_tokens"] == 24
+
+
+def test_intervene_large_result_comes_by_reference(site: EmbeddedSite) -> None:
+    """Over the inline limit, saved tensors go to a safetensors file (sha256 in the result);
+    the client loads them transparently and they equal the inline values."""
+    c = site.client()
+    ops = [
+        {"op": "save", "site": "unembed"},
+        {"op": "save", "site": "hook_resid_post", "layers": "*"},
+        {"op": "save", "site": "hook_mlp_out", "layers": "*"},
+        {"op": "save", "site": "attn.hook_z", "layers": "*"},
+    ]
+    prompts = [PROMPT * 12, PROMPT]  # 313 tokens x (264 + 12 x 256) floats: about 4.2 MB
+    limit = site.settings.inline_limit_bytes
+    big = c.intervene(prompts, ops)
+    ref = big.output["tensors_ref"]
+    assert ref["bytes"] > 0 and len(ref["sha256"]) == 64
+    assert all("data" not in v["tensor"] for v in big.output["results"][0]["saved"].values())
+    small = c.intervene(PROMPT, ops)
+    assert "tensors_ref" not in small.output
+    for name, arr in small.saved.items():
+        np.testing.assert_array_equal(big.saved_for(1)[name], arr)
+    assert big.saved["unembed"].shape == (len(PROMPT.encode()) * 12 + 1, 264)
+    assert big.usage["bytes_returned"] >= ref["bytes"] > limit
 
 
 def test_ledger_records_every_charge_and_no_open_hold(site: EmbeddedSite) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
-from tpm_faas.client import decode_array
+from tpm_faas.client import decode_array, encode_array
 from tpm_faas.config import Settings
 from tpm_faas.embedded import EmbeddedSite
 from tpm_faas.launcher import ShardGroup
@@ -58,29 +59,77 @@ def test_greedy_text_identical(site: EmbeddedSite, tp2: ShardClient) -> None:
     np.testing.assert_allclose(lp1, lp2, atol=1e-4)
 
 
-def test_hidden_states_within_tolerance(site: EmbeddedSite, tp2: ShardClient) -> None:
-    body = {
-        "prompt": PROMPTS[0],
-        "max_new_tokens": 0,
-        "seed": 0,
-        "ops": [
-            {
-                "op": "save",
-                "site": "hook_resid_post",
-                "layers": [0, 1, 2, 3],
-                "positions": list(range(10)),
-            },
-            {"op": "logit_lens", "layers": [0, 1, 2, 3], "positions": [9], "top_k": 5},
-        ],
-    }
+def _spec(site: EmbeddedSite, request: dict[str, Any]) -> dict[str, Any]:
+    """A request normalised and priced as the gateway does (generous limits)."""
+    from tpm_faas.gateway.policy import Limits
+    from tpm_faas.modes import MODES
+    from tpm_faas.registry import Registry
+    from tpm_faas.schemas import WRITE_OPS, InterveneRequest
+
+    info = Registry(site.settings.registry_dir).lookup("demo-tpm@1").model
+    limits = Limits(
+        allowed_ops=[*WRITE_OPS, "save", "logit_lens"],
+        write=True,
+        max_hook_sites=1000,
+        max_bytes_returned=1 << 30,
+        max_prompt_tokens=400,
+    )
+    req = InterveneRequest.model_validate({"model": "demo-tpm@1", **request})
+    return MODES["intervene"].admit(req, info, limits).body
+
+
+def test_every_site_within_tolerance(site: EmbeddedSite, tp2: ShardClient) -> None:
+    """Every hook site (per-head z gathered from both ranks), the logit lens, and writes on
+    heads split across the ranks give the same values on tp=2 as on tp=1."""
+    from tpm_faas.sites import ModelShape, all_sites
+
+    shape = ModelShape("llama", 4, 256, 8, 32, 264)
+    vec = np.random.default_rng(0).standard_normal(256).astype(np.float32)
+    body = _spec(
+        site,
+        {
+            "prompts": [PROMPTS[0], PROMPTS[1]],
+            "max_new_tokens": 6,
+            "ops": [
+                {"op": "save", "site": s.name, "positions": [0, 3, -1]} for s in all_sites(shape)
+            ]
+            + [
+                {"op": "logit_lens", "positions": [-1, 2], "top_k": 5},
+                # heads 3..4 straddle the ranks (0-3 on rank 0, 4-7 on rank 1)
+                {
+                    "op": "scale_heads",
+                    "layers": [1],
+                    "heads": [3, 4],
+                    "scale": 0.5,
+                    "generation": True,
+                },
+                {
+                    "op": "add",
+                    "site": "blocks.2.hook_resid_mid",
+                    "vector": encode_array(vec),
+                    "prompts": [1],
+                    "generation": True,
+                },
+                {"op": "save", "site": "blocks.3.attn.hook_z", "heads": [2, 6], "generation": True},
+            ],
+        },
+    )
     one, two = _tp1(site).call("intervene", body), tp2.call("intervene", body)
-    for name in one["saved"]:
-        a = decode_array(one["saved"][name]["tensor"])
-        b = decode_array(two["saved"][name]["tensor"])
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
-    assert [[t["id"] for t in r["top"]] for r in one["logit_lens"]] == [
-        [t["id"] for t in r["top"]] for r in two["logit_lens"]
-    ]
+    for r1, r2 in zip(one["results"], two["results"], strict=True):
+        assert r1["token_ids"] == r2["token_ids"]
+        assert set(r1["saved"]) == set(r2["saved"]) and len(r1["saved"]) == 4 * 6 + 3
+        for name in r1["saved"]:
+            a = decode_array(r1["saved"][name]["tensor"])
+            b = decode_array(r2["saved"][name]["tensor"])
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+        z = r1["saved"]["blocks.3.attn.hook_z"]  # merged with the save of every site above
+        n = r1["prompt_tokens"]
+        assert z["positions"] == [*range(n), *range(n, n + r1["completion_tokens"] - 1)]
+        assert z["tensor"]["shape"] == [len(z["positions"]), 8, 32]
+        assert [[t["id"] for t in r["top"]] for r in r1["logit_lens"]] == [
+            [t["id"] for t in r["top"]] for r in r2["logit_lens"]
+        ]
 
 
 def test_embed_within_tolerance(site: EmbeddedSite, tp2: ShardClient) -> None:
@@ -105,8 +154,17 @@ def test_bad_request_does_not_stall_the_ranks(tp2: ShardClient) -> None:
         tp2.call(
             "intervene",
             {
-                "prompt": "x",
-                "ops": [{"op": "save", "layers": [99], "positions": [0]}],
+                "prompts": ["x"],
+                "ops": [
+                    {
+                        "op": "save",
+                        "sites": ["blocks.99.hook_resid_post"],
+                        "prompts": [0],
+                        "positions": [[0]],
+                        "heads": None,
+                        "generation": False,
+                    }
+                ],
                 "max_new_tokens": 0,
                 "seed": 0,
             },

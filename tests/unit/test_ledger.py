@@ -84,3 +84,40 @@ def test_holds_expire(ledger: Ledger) -> None:
 
 def test_transfer_ids_deterministic() -> None:
     assert transfer_id("a", "hold") == transfer_id("a", "hold") != transfer_id("a", "post")
+
+
+def test_a_voided_request_may_be_held_again_but_charged_once(ledger: Ledger) -> None:
+    """A client failing over to another endpoint reuses its request id: the voided attempt
+    is held again (its own transfers), and once posted no further attempt is admitted."""
+    ledger.hold("r1", "p", 300, ttl_s=60, identity="a")
+    assert ledger.void("r1")
+    ledger.hold("r1", "p", 400, ttl_s=60, identity="a")  # the failover attempt
+    assert ledger.balance("p").held == 400
+    with pytest.raises(DuplicateRequest):
+        ledger.hold("r1", "p", 400, ttl_s=60)  # while held: refused
+    assert ledger.post("r1", 250) == 250
+    with pytest.raises(DuplicateRequest):
+        ledger.hold("r1", "p", 100, ttl_s=60)  # posted: never again
+    bal = ledger.balance("p")
+    assert (bal.charged, bal.held) == (250, 0)
+    assert ledger.open_holds()[0:] == [] and ledger.charges("p")[0]["attempt"] == 2
+    assert ledger.reconcile().ok
+
+
+def test_a_retry_of_a_charged_request_is_a_duplicate_even_without_funds(ledger: Ledger) -> None:
+    ledger.hold("r1", "p", 1000, ttl_s=60)
+    ledger.post("r1", 1000)  # the whole allocation is spent
+    with pytest.raises(DuplicateRequest):
+        ledger.hold("r1", "p", 1000, ttl_s=60)
+
+
+def test_expiry_never_voids_a_newer_attempt(ledger: Ledger) -> None:
+    clock = ledger._clock
+    assert isinstance(clock, Clock)
+    ledger.hold("r1", "p", 100, ttl_s=10)
+    ledger.void("r1")
+    clock.t += 5
+    ledger.hold("r1", "p", 100, ttl_s=60)  # attempt 2 expires at +65
+    clock.t += 20  # past attempt 1's expiry, not attempt 2's
+    assert ledger.expire_holds() == 0
+    assert ledger.post("r1", 50) == 50

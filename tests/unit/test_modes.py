@@ -9,6 +9,7 @@ import pytest
 from tpm_faas.errors import LimitExceeded, PolicyDenied, RequestError, TensorError
 from tpm_faas.gateway.policy import Limits
 from tpm_faas.modes import MODES
+from tpm_faas.modes.query import BYTES_PER_TOKEN
 from tpm_faas.registry import ModelInfo
 from tpm_faas.schemas import EmbedRequest, InterveneRequest, QueryRequest
 
@@ -21,11 +22,17 @@ INFO = ModelInfo(
     tokenizer="bytes",
     checkpoint_sha256="0" * 64,
     dtype="float32",
+    architecture="llama",
+    num_heads=2,
+    head_dim=4,
     adapters={"features-linear": {"kind": "linear", "in_features": 3}},
     heads={"regression": {"kind": "linear", "out_features": 1}},
 )
 LIMITS = Limits(
-    max_new_tokens=16, max_prompt_tokens=32, allowed_ops=["save", "add", "logit_lens"], write=True
+    max_new_tokens=16,
+    max_prompt_tokens=32,
+    allowed_ops=["save", "add", "set", "logit_lens"],
+    write=True,
 )
 
 
@@ -107,44 +114,185 @@ def test_embed_unknown_adapter_and_head() -> None:
         )
 
 
+def _admit(ops: list[dict[str, object]], limits: Limits = LIMITS, **kw: object) -> object:
+    req = InterveneRequest.model_validate({"model": "m@1", "prompt": "abcd", "ops": ops, **kw})
+    return MODES["intervene"].admit(req, INFO, limits)
+
+
 def test_intervene_normalises_and_prices() -> None:
+    a = _admit(
+        [
+            {"op": "save", "site": "hook_resid_post", "layers": [1, 3], "positions": [-1, 0]},
+            {"op": "logit_lens", "top_k": 2},
+            {"op": "add", "site": "blocks.0.hook_resid_post", "vector": vec(8)},
+            {
+                "op": "save",
+                "site": "attn.hook_z",
+                "layers": {"start": 0, "stop": 4, "step": 2},
+                "heads": [1],
+                "positions": [0],
+            },
+        ]
+    )
+    ops = a.body["ops"]
+    assert ops[0]["positions"] == [[0, 4]] and ops[0]["prompts"] == [0]
+    assert ops[0]["sites"] == ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
+    assert ops[1]["sites"] == [f"blocks.{i}.hook_resid_post" for i in range(4)]
+    assert ops[2]["value"] == "#ops.2.value" and set(a.body["tensors"]) == {"#ops.2.value"}
+    assert ops[3]["sites"] == ["blocks.0.attn.hook_z", "blocks.2.attn.hook_z"]
+    assert ops[3]["heads"] == [1]
+    assert a.worst.hooked_sites == 6
+    # 2 sites x 2 positions x 8 floats; 4 layers x 1 position x top 2 x 48; 2 x 1 x 1 head x 4
+    assert a.worst.bytes_returned == 2 * 2 * 8 * 4 + 4 * 2 * 48 + 2 * 4 * 4
+
+
+def test_intervene_prices_generation_and_prompts() -> None:
     req = InterveneRequest.model_validate(
         {
             "model": "m@1",
-            "prompt": "abcd",
-            "ops": [
-                {"op": "save", "layers": [1, 3], "positions": [-1, 0]},
-                {"op": "logit_lens", "top_k": 2},
-                {"op": "add", "layer": 0, "vector": vec(8)},
-            ],
+            "prompts": ["ab", "cd"],
+            "max_new_tokens": 5,
+            "ops": [{"op": "save", "site": "ln_final", "positions": [-1], "generation": True}],
         }
     )
     a = MODES["intervene"].admit(req, INFO, LIMITS)
-    assert a.body["ops"][0]["positions"] == [0, 4]
-    assert a.body["ops"][1]["layers"] == [0, 1, 2, 3]
-    assert a.worst.hooked_sites == 4
+    assert a.worst.output_tokens == 10
+    # Per prompt: 1 prompt row + 5 generated rows of 8 floats, plus the text.
+    assert a.worst.bytes_returned == 2 * 6 * 8 * 4 + 2 * 5 * BYTES_PER_TOKEN
+
+
+def test_intervene_shared_tensor_by_reference() -> None:
+    a = _admit(
+        [
+            {"op": "add", "site": "hook_resid_pre", "layers": "*", "vector": {"ref": "v"}},
+            {"op": "set", "site": "embed", "positions": [0], "value": {"ref": "v"}},
+        ],
+        tensors={"v": vec(8)},
+    )
+    assert a.body["ops"][0]["value"] == a.body["ops"][1]["value"] == "v"
+    assert list(a.body["tensors"]) == ["v"]
 
 
 @pytest.mark.parametrize(
     "op,exc,match",
     [
-        ({"op": "save", "layers": [4]}, RequestError, "out of range"),
-        ({"op": "save", "layers": [0], "positions": [9]}, RequestError, "position 9"),
-        ({"op": "add", "layer": 0, "vector": vec(7)}, TensorError, "needs"),
+        ({"op": "save", "site": "hook_resid_post", "layers": [4]}, RequestError, "out of range"),
+        ({"op": "save", "site": "blocks.9.hook_resid_post"}, RequestError, "4 layers"),
+        ({"op": "save", "site": "hook_resid_post"}, RequestError, "needs 'layers'"),
+        ({"op": "save", "site": "embed", "layers": [0]}, RequestError, "goes with a block"),
+        ({"op": "save", "site": "blocks.0.hook_q"}, RequestError, "unknown hook site"),
+        ({"op": "save", "site": "embed", "positions": [9]}, RequestError, "position 9"),
+        ({"op": "save", "site": "embed", "prompts": [1]}, RequestError, "prompt 1"),
+        ({"op": "save", "site": "embed", "heads": [0]}, RequestError, "heads of attn"),
+        (
+            {"op": "save", "site": "attn.hook_z", "layers": [0], "heads": [2]},
+            RequestError,
+            "head 2",
+        ),
+        (
+            {"op": "save", "site": "embed", "positions": {"start": 3, "stop": 1}},
+            RequestError,
+            "picks nothing",
+        ),
+        ({"op": "add", "site": "embed", "vector": vec(7)}, TensorError, "needs"),
+        ({"op": "add", "site": "embed", "vector": {"ref": "nope"}}, RequestError, "no tensor"),
+        (
+            {"op": "add", "site": "embed", "vector": vec(8), "generation": True},
+            RequestError,
+            "max_new_tokens",
+        ),
+        (
+            {"op": "scale_heads", "site": "hook_mlp_out", "layers": [0]},
+            RequestError,
+            "attn.hook_z only",
+        ),
+        ({"op": "patch", "site": "embed", "source": 0}, RequestError, "must come earlier"),
+        ({"op": "patch", "site": "embed", "source": 3}, RequestError, "does not exist"),
+        ({"op": "logit_lens", "site": "hook_mlp_out"}, RequestError, "logit lens reads"),
     ],
 )
 def test_intervene_bad_spec(op: dict[str, object], exc: type[Exception], match: str) -> None:
-    req = InterveneRequest.model_validate({"model": "m@1", "prompt": "abc", "ops": [op]})
+    limits = Limits(
+        allowed_ops=["save", "add", "scale_heads", "patch", "logit_lens"],
+        write=True,
+        max_prompt_tokens=32,
+    )
     with pytest.raises(exc, match=match):
-        MODES["intervene"].admit(req, INFO, LIMITS)
+        _admit([op], limits)
+
+
+def test_intervene_z_value_shape_follows_heads() -> None:
+    z = {"dtype": "float32", "shape": [2, 4], "data": base64.b64encode(b"\0" * 32).decode()}
+    a = _admit([{"op": "add", "site": "attn.hook_z", "layers": [0], "heads": [0, 1], "vector": z}])
+    assert a.body["ops"][0]["heads"] is None  # both heads: all of them
+    with pytest.raises(TensorError, match=r"needs \[1, 4\]"):
+        _admit([{"op": "add", "site": "attn.hook_z", "layers": [0], "heads": [1], "vector": z}])
 
 
 def test_intervene_write_needs_permission() -> None:
-    req = InterveneRequest.model_validate(
-        {"model": "m@1", "prompt": "abc", "ops": [{"op": "add", "layer": 0, "vector": vec(8)}]}
-    )
+    op = {"op": "add", "site": "blocks.0.hook_resid_post", "vector": vec(8)}
     read_only = Limits(allowed_ops=["save", "add"], write=False)
     with pytest.raises(PolicyDenied, match="not write"):
-        MODES["intervene"].admit(req, INFO, read_only)
+        _admit([op], read_only)
     with pytest.raises(PolicyDenied, match="not allowed"):
-        MODES["intervene"].admit(req, INFO, Limits())
+        _admit([op], Limits())
+
+
+def test_intervene_allowed_sites() -> None:
+    limits = Limits(allowed_sites=["blocks.*.hook_resid_*", "ln_final"])
+    _admit([{"op": "save", "site": "hook_resid_mid", "layers": "*"}], limits)
+    with pytest.raises(PolicyDenied, match=r"blocks\.0\.attn\.hook_z"):
+        _admit([{"op": "save", "site": "attn.hook_z", "layers": [0]}], limits)
+
+
+def test_intervene_limits_on_sites_bytes_and_tensors() -> None:
+    with pytest.raises(LimitExceeded, match="hook sites"):
+        _admit([{"op": "save", "site": "hook_resid_post", "layers": "*"}], Limits(max_hook_sites=3))
+    with pytest.raises(LimitExceeded, match="result size"):
+        _admit([{"op": "save", "site": "unembed"}], Limits(max_bytes_returned=1000))
+    with pytest.raises(LimitExceeded, match="tensors sent"):
+        _admit(
+            [{"op": "add", "site": "embed", "vector": vec(8)}],
+            Limits(allowed_ops=["add"], write=True, max_input_bytes=16),
+        )
+    with pytest.raises(RequestError, match="not used"):
+        _admit([{"op": "save", "site": "embed"}], tensors={"v": vec(8)})
+
+
+def test_rows_of_values_pair_with_positions_and_heads_in_the_order_given() -> None:
+    per_pos = {"dtype": "float32", "shape": [2, 8], "data": base64.b64encode(b"\0" * 64).decode()}
+    a = _admit([{"op": "set", "site": "embed", "positions": [4, 1], "value": per_pos}])
+    assert a.body["ops"][0]["positions"] == [[4, 1]]  # row 0 goes to position 4
+    z = {"dtype": "float32", "shape": [2, 4], "data": base64.b64encode(b"\0" * 32).decode()}
+    b = _admit([{"op": "add", "site": "attn.hook_z", "layers": [0], "heads": [1, 0], "vector": z}])
+    assert b.body["ops"][0]["heads"] == [1, 0]  # a permutation of all heads is kept
+    with pytest.raises(RequestError, match="picks a position twice"):
+        _admit([{"op": "set", "site": "embed", "positions": [1, -4], "value": per_pos}])
+    s = _admit([{"op": "save", "site": "embed", "positions": [3, 1, 3]}])
+    assert s.body["ops"][0]["positions"] == [[1, 3]]  # reads: sorted, merged
+
+
+def test_merged_saves_are_priced_as_merged() -> None:
+    """Two saves of one z site (one head at every position, every head at one position)
+    come back as one tensor of every position x every head: that is what is priced."""
+    a = _admit(
+        [
+            {"op": "save", "site": "attn.hook_z", "layers": [0], "heads": [0]},
+            {"op": "save", "site": "attn.hook_z", "layers": [0], "positions": [0]},
+        ]
+    )
+    assert a.worst.bytes_returned == 5 * 2 * 4 * 4  # 5 tokens x 2 heads x 4 x float32
+
+
+def test_inline_tensor_names_cannot_collide_with_the_request_tables() -> None:
+    ones = {"dtype": "float32", "shape": [8], "data": base64.b64encode(b"\1" * 32).decode()}
+    a = _admit(
+        [
+            {"op": "add", "site": "embed", "vector": {"ref": "ops.1.value"}},
+            {"op": "add", "site": "embed", "vector": vec(8)},
+        ],
+        tensors={"ops.1.value": ones},
+    )
+    assert a.body["ops"][0]["value"] == "ops.1.value"
+    assert a.body["ops"][1]["value"] == "#ops.1.value"
+    assert a.body["tensors"]["ops.1.value"] == ones

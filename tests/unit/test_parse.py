@@ -95,9 +95,9 @@ def test_intervene_ops_discriminated() -> None:
         "model": "demo-tpm@1",
         "prompt": "x",
         "ops": [
-            {"op": "save", "layers": "*"},
+            {"op": "save", "site": "hook_resid_post", "layers": "*"},
             {"op": "logit_lens"},
-            {"op": "add", "layer": 0, "vector": _tensor([8])},
+            {"op": "add", "site": "embed", "vector": _tensor([8])},
         ],
     }
     r = parse(InterveneRequest, json.dumps(req))

@@ -33,6 +33,7 @@ import concurrent.futures
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -353,9 +354,7 @@ class LocalEndpoint:
             self._apply_env()
             engine = GlobusComputeEngine(
                 label="LocalEndpoint",
-                provider=LocalProvider(  # type: ignore[no-untyped-call]
-                    init_blocks=1, min_blocks=1, max_blocks=1
-                ),
+                provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
                 max_workers_per_node=self.max_workers,
                 address="127.0.0.1",
                 loopback_address="127.0.0.1",
@@ -413,10 +412,17 @@ class LocalEndpoint:
                 self._restore_env()
                 return
             pgids = self._block_pgids(engine)
+            interchange = getattr(getattr(engine, "executor", None), "interchange_proc", None)
             try:
                 engine.shutdown()
             finally:
                 self._reap(pgids)
+                if interchange is not None:  # Parsl may SIGKILL it without waiting: reap it
+                    try:
+                        interchange.wait(timeout=_SHUTDOWN_GRACE_S)
+                    except subprocess.TimeoutExpired:
+                        interchange.kill()
+                        interchange.wait(timeout=5)
                 pending, self._pending = self._pending, set()
                 for fut in pending:
                     if not fut.done():
@@ -505,12 +511,17 @@ class LocalEndpoint:
         *,
         task_id: uuid.UUID | str,
         function_id: str | None = None,
+        resource_specification: dict[str, Any] | None = None,
+        result_serializers: list[str] | None = None,
     ) -> concurrent.futures.Future[bytes]:
         """Hand an already-packed task to the engine, as the endpoint does with a queued task.
 
         :param packed_task: ``messagepack.pack(Task(...))``, e.g. from :func:`pack_task`
         :param task_id: the task's id (must match the one inside ``packed_task``)
         :param function_id: the function id, for the engine's bookkeeping
+        :param resource_specification: the submitter's resource specification, if any
+        :param result_serializers: import paths of the result serializers the submitter
+            asked for (default: JSON)
         :returns: a future of the messagepack-packed ``Result`` bytes (see
             :func:`unpack_result`); errors come back inside the ``Result``
         :raises RuntimeError: if the endpoint is not started
@@ -523,8 +534,8 @@ class LocalEndpoint:
             engine.submit(
                 fut,
                 packed_task,
-                resource_specification={},
-                result_serializers=list(RESULT_SERIALIZERS),
+                resource_specification=resource_specification or {},
+                result_serializers=list(result_serializers or RESULT_SERIALIZERS),
             )
         return fut
 

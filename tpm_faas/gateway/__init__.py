@@ -24,9 +24,11 @@ from pydantic import ValidationError
 
 from tpm_faas.config import Settings
 from tpm_faas.errors import ConfigError, MalformedRequest, RequestError, TPMError
+from tpm_faas.gateway import results
 from tpm_faas.gateway.auth import Authenticator, GlobusIntrospector, Introspector, LocalIntrospector
 from tpm_faas.gateway.ledger import Ledger, to_su
-from tpm_faas.gateway.policy import Policy, Usage
+from tpm_faas.gateway.policy import Caller, Policy, PolicyStore, Usage
+from tpm_faas.gateway.ratelimit import RateLimiter
 from tpm_faas.registry import Registry
 from tpm_faas.shard_client import ShardClient
 
@@ -39,9 +41,15 @@ class Gateway:
 
     settings: Settings
     authenticator: Authenticator
-    policy: Policy
+    policies: PolicyStore
     ledger: Ledger
     registry: Registry
+    limiter: RateLimiter
+
+    @property
+    def policy(self) -> Policy:
+        """The site policy now (reloaded when its file changes)."""
+        return self.policies.current()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gateway:
@@ -53,17 +61,22 @@ class Gateway:
         elif settings.auth_backend == "globus":
             if not settings.client_secret:
                 raise ConfigError("globus auth needs TPM_FAAS_CLIENT_SECRET")
-            introspector = GlobusIntrospector(settings.client_id, settings.client_secret)
+            introspector = GlobusIntrospector(
+                settings.client_id, settings.client_secret, groups=settings.globus_groups
+            )
         else:
             raise ConfigError(f"unknown TPM_FAAS_AUTH {settings.auth_backend!r} (local | globus)")
+        policies = PolicyStore(settings.policy_path)  # a bad policy fails before the ledger opens
+        ledger = Ledger(settings.ledger_url)
         return cls(
             settings=settings,
             authenticator=Authenticator(
                 introspector, settings.client_id, mapped_identity=settings.mapped_identity
             ),
-            policy=Policy.load(settings.policy_path),
-            ledger=Ledger(settings.ledger_url),
+            policies=policies,
+            ledger=ledger,
             registry=Registry(settings.registry_dir),
+            limiter=RateLimiter(ledger.engine),
         )
 
     def handle(self, mode_name: str, request_json: str, token: str | None) -> dict[str, Any]:
@@ -85,31 +98,50 @@ class Gateway:
     ) -> dict[str, Any]:
         principal = self.authenticator.require(token, mode.name)
         group = self.registry.lookup(request.model)
-        decision = self.policy.decide(
-            principal.identity, principal.username, mode.name, request.model
+        policy = self.policy  # one policy for the whole request, even across a reload
+        caller = Caller(
+            principal.identity, principal.username, principal.identity_set, principal.groups
         )
-        admission = mode.admit(request, group.model, decision.limits)
+        decision = policy.decide(caller, mode=mode.name, model=request.model)
+        limits = decision.limits
+        admission = mode.admit(request, group.model, limits)
         held = decision.price_micro(admission.worst)
-        self.ledger.hold(
-            request_id,
-            decision.project,
-            held,
-            ttl_s=self.policy.data.hold_ttl_s,
-            mode=mode.name,
-            identity=principal.identity,
-        )
+        worst_tokens = admission.worst.input_tokens + admission.worst.output_tokens
+        reservation = self.limiter.admit(decision.group, principal.identity, limits, worst_tokens)
+        used_tokens = 0
+        try:
+            self.ledger.hold(
+                request_id,
+                decision.project,
+                held,
+                ttl_s=policy.data.hold_ttl_s,
+                mode=mode.name,
+                identity=principal.identity,
+                max_open=limits.max_concurrent,
+            )
+        except BaseException:  # refused by the ledger (funds, concurrency, duplicate)
+            _quietly(self.limiter.settle, reservation, 0, refused=True)
+            raise
         try:
             shard = ShardClient(group.address, timeout_s=self.settings.shard_timeout_s)
             output = shard.call(admission.shard_op, admission.body, request_id=request_id)
             # Serving figures (queue wait, time to first token, decode rate) go with the usage.
             timing = output.pop("timing", None)
             used = mode.usage(request, admission, output)
-            out_bytes = len(json.dumps(output, separators=(",", ":")))
-            used = Usage(used.input_tokens, used.output_tokens, out_bytes, used.hooked_sites)
+            used = Usage(
+                used.input_tokens,
+                used.output_tokens,
+                self._bytes_out(output, request_id),
+                used.hooked_sites,
+            )
+            used_tokens = used.input_tokens + used.output_tokens
             charged = self.ledger.post(request_id, decision.price_micro(used))
         except BaseException:
-            self.ledger.void(request_id)
+            _quietly(self.ledger.void, request_id)  # the original error is what the caller gets
             raise
+        finally:
+            # Bookkeeping after the charge must not lose a charged result (or hide an error).
+            _quietly(self.limiter.settle, reservation, used_tokens)
         return {
             "ok": True,
             "request_id": request_id,
@@ -130,6 +162,11 @@ class Gateway:
                 "checkpoint_sha256": group.model.checkpoint_sha256,
                 "request_sha256": request_hash(request),
                 "seed": getattr(request, "seed", None),
+                **(
+                    {"intervention_sha256": _sha256_json(admission.body["ops"])}
+                    if mode.name == "intervene"
+                    else {}
+                ),
                 "dtype": group.model.dtype,
                 "tp_size": group.tp_size,
                 "policy_sha256": decision.policy_sha256,
@@ -137,6 +174,24 @@ class Gateway:
                 "issued_at": time.time(),
             },
         }
+
+    def _bytes_out(self, output: dict[str, Any], request_id: str) -> int:
+        """Bytes the caller gets: tensors counted raw (inline or in a results file), plus the
+        rest of the JSON. Large tensors go to a file here (see :mod:`.results`)."""
+        s = self.settings
+        in_file = results.offload(output, request_id, s.results_dir, s.inline_limit_bytes)
+        found = results.payloads(output)
+        inline_b64 = sum(len(p.get("data", "")) for _, p in found)
+        text = len(json.dumps(output, separators=(",", ":")))
+        return text - inline_b64 + 3 * inline_b64 // 4 + in_file
+
+
+def _quietly(fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Run a clean-up step; log, never raise (an expired hold is voided later anyway)."""
+    try:
+        fn(*args, **kwargs)
+    except Exception:
+        log.exception("clean-up step %s failed", getattr(fn, "__name__", fn))
 
 
 def parse(model: type[Any], request_json: str) -> Any:
@@ -163,7 +218,14 @@ def parse(model: type[Any], request_json: str) -> Any:
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "request"
+    # pydantic names validator steps ("function-after[...]") and union members ("add"): keep
+    # the path a user wrote.
+    return ".".join(str(p) for p in loc if "[" not in str(p)) or "request"
+
+
+def _sha256_json(obj: Any) -> str:
+    canon = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
 
 
 def request_hash(request: Any) -> str:

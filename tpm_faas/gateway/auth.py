@@ -18,6 +18,7 @@ Two introspectors ship: :class:`GlobusIntrospector` (``globus_sdk``) for sites, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -58,6 +59,8 @@ class TokenInfo:
     aud: frozenset[str] = frozenset()
     exp: float = 0.0
     identity_set: frozenset[str] = frozenset()
+    #: Globus group ids of the caller, where the introspector knows them (dev tokens).
+    groups: frozenset[str] = frozenset()
 
     @classmethod
     def from_introspection(cls, data: dict[str, Any]) -> TokenInfo:
@@ -82,6 +85,7 @@ class Principal:
     identity: str
     username: str
     identity_set: frozenset[str] = field(default_factory=frozenset)
+    groups: frozenset[str] = field(default_factory=frozenset)
 
 
 class Introspector(Protocol):
@@ -96,10 +100,21 @@ class GlobusIntrospector:
     Answers are cached until the token's expiry (at most ``cache_size`` tokens, keyed by the
     token's sha256). Network errors fail closed after ``max_retries`` retries (the SDK's
     default of 5 would hold a request for about 15 s during an Auth outage).
+
+    With ``groups=True`` (for policies that match on Globus groups) the caller's group ids are
+    looked up too: a dependent token for Globus Groups (the mode scopes must declare
+    ``view_my_groups_and_memberships`` as a dependent scope; ``tpm-faas auth setup --groups``),
+    then ``GroupsClient.get_my_groups``. A failed lookup refuses the request.
     """
 
     def __init__(
-        self, client_id: str, client_secret: str, *, cache_size: int = 1024, max_retries: int = 1
+        self,
+        client_id: str,
+        client_secret: str,
+        *,
+        cache_size: int = 1024,
+        max_retries: int = 1,
+        groups: bool = False,
     ) -> None:
         import globus_sdk
 
@@ -107,6 +122,8 @@ class GlobusIntrospector:
         self._client.retry_config.max_retries = max_retries
         self._cache: dict[str, TokenInfo] = {}
         self._cache_size = cache_size
+        self._groups = groups
+        self._max_retries = max_retries
 
     def introspect(self, token: str) -> TokenInfo:
         import globus_sdk
@@ -120,11 +137,30 @@ class GlobusIntrospector:
         except globus_sdk.GlobusError as e:
             raise AuthError(f"token introspection failed, so access is refused: {e}") from e
         info = TokenInfo.from_introspection(dict(resp.data))
+        if info.active and self._groups:
+            info = dataclasses.replace(info, groups=self._group_ids(token))
         if info.active:
             if len(self._cache) >= self._cache_size:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = info
         return info
+
+    def _group_ids(self, token: str) -> frozenset[str]:
+        import globus_sdk
+        from globus_sdk.scopes import GroupsScopes
+
+        try:
+            dep = self._client.oauth2_get_dependent_tokens(
+                token, scope=str(GroupsScopes.view_my_groups_and_memberships)
+            )
+            groups_token = dep.by_resource_server[GroupsScopes.resource_server]["access_token"]
+            gc = globus_sdk.GroupsClient(authorizer=globus_sdk.AccessTokenAuthorizer(groups_token))
+            gc.retry_config.max_retries = self._max_retries
+            return frozenset(str(g["id"]) for g in gc.get_my_groups())
+        except (globus_sdk.GlobusError, KeyError) as e:
+            raise AuthError(
+                f"could not look up your Globus groups, so access is refused: {e}"
+            ) from e
 
 
 class DevToken(BaseModel):
@@ -138,6 +174,7 @@ class DevToken(BaseModel):
     scopes: list[str]
     expires_at: datetime
     active: bool = True
+    groups: list[str] = []
 
 
 class DevTokensFile(BaseModel):
@@ -178,6 +215,7 @@ class LocalIntrospector:
             aud=frozenset({cid}),
             exp=t.expires_at.timestamp(),
             identity_set=frozenset({t.identity}),
+            groups=frozenset(t.groups),
         )
 
 
@@ -218,4 +256,9 @@ class Authenticator:
                 "the access token's identities do not include the identity this endpoint "
                 "runs as; tokens cannot be used on another user's behalf"
             )
-        return Principal(identity=info.sub, username=info.username, identity_set=info.identity_set)
+        return Principal(
+            identity=info.sub,
+            username=info.username,
+            identity_set=info.identity_set,
+            groups=info.groups,
+        )

@@ -7,17 +7,30 @@ Amounts are integer micro-SU. A request is charged in two phases:
 
 Holds expire and are voided automatically. Every transfer's id is derived from the request id
 and the phase and is unique in the database, so a retried request cannot be charged twice.
-One code path (SQLAlchemy Core) for SQLite (the default, WAL, ``BEGIN IMMEDIATE``) and
-PostgreSQL.
+
+``transfers`` is the record (append-only); ``balances`` keeps each project's running sums so
+that admission reads one row. Every change is one transaction that appends its transfers and
+updates the balance row with a *conditional* update (``... WHERE credited - charged - held >=
+amount``): on PostgreSQL the row lock and the re-checked condition make the balance guard
+race-free under the default READ COMMITTED isolation; SQLite runs one writer at a time (WAL,
+``BEGIN IMMEDIATE``), and the writers of a SQLite ledger queue on an ``flock`` beside the
+database file rather than in SQLite's sleep-and-retry busy handler. Locks: a hold locks its
+project's balance row and inserts a new hold row; a post or void locks the hold row, then the
+balance row; so no two transactions wait on each other in a cycle. :meth:`Ledger.reconcile`
+checks that the running sums equal the sums of the transfers.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,7 +38,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from tpm_faas.errors import DuplicateRequest, InsufficientFunds, LedgerError
+from tpm_faas.errors import DuplicateRequest, InsufficientFunds, LedgerError, RateLimited
 
 _NS = uuid.UUID("6f1c1f8e-3c1d-4a8e-9a51-6d2f9e0b7a10")
 
@@ -36,6 +49,15 @@ projects = sa.Table(
     metadata,
     sa.Column("name", sa.String(128), primary_key=True),
     sa.Column("created_at", sa.Float, nullable=False),
+)
+
+balances = sa.Table(
+    "balances",
+    metadata,
+    sa.Column("project", sa.String(128), sa.ForeignKey("projects.name"), primary_key=True),
+    sa.Column("credited", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("charged", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("held", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 transfers = sa.Table(
@@ -65,8 +87,78 @@ holds = sa.Table(
     sa.Column("identity", sa.String(256), nullable=False, server_default=""),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float, nullable=True),
+    # A voided request may be held again (a client failing over to another endpoint with the
+    # same request id); each attempt has its own hold/release transfers.
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
     sa.Index("ix_holds_state", "state", "expires_at"),
 )
+
+
+# The statements of the hot path, built once (bound parameters only).
+_b, _h = balances.c, holds.c
+_RESERVE = (
+    balances.update()
+    .where(_b.project == sa.bindparam("p"), _b.credited - _b.charged - _b.held >= sa.bindparam("a"))
+    .values(held=_b.held + sa.bindparam("a"))
+)
+_INSERT_HOLD = holds.insert().values(
+    {
+        c.name: sa.bindparam(c.name)
+        for c in holds.c
+        if c.name not in ("charged", "finished_at", "attempt")
+    }
+)
+_INSERT_TRANSFERS = transfers.insert().values({c.name: sa.bindparam(c.name) for c in transfers.c})
+_POST = (
+    holds.update()
+    .where(_h.request_id == sa.bindparam("r"), _h.state == "held")
+    .values(
+        state="posted",
+        charged=sa.case((_h.amount < sa.bindparam("a"), _h.amount), else_=sa.bindparam("a")),
+        finished_at=sa.bindparam("now"),
+    )
+    .returning(_h.project, _h.amount, _h.charged, _h.mode, _h.identity, _h.attempt)
+)
+_VOID = (
+    holds.update()
+    .where(
+        _h.request_id == sa.bindparam("r"),
+        _h.state == "held",
+        _h.expires_at <= sa.bindparam("until"),  # +inf for a void; now for an expiry
+    )
+    .values(state="voided", finished_at=sa.bindparam("now"))
+    .returning(_h.project, _h.amount, _h.mode, _h.identity, _h.attempt)
+)
+_SETTLE = (
+    balances.update()
+    .where(_b.project == sa.bindparam("p"))
+    .values(held=_b.held - sa.bindparam("released"), charged=_b.charged + sa.bindparam("charge"))
+)
+_STATE = sa.select(_h.state).where(_h.request_id == sa.bindparam("r"))
+
+
+class _Sql:
+    """A statement of the hot path compiled once for the engine's dialect, run through the
+    DB-API driver directly (the same SQL SQLAlchemy would send, without its per-call
+    compilation-cache lookup and result processing)."""
+
+    def __init__(self, stmt: Any, dialect: Any) -> None:
+        compiled = stmt.compile(dialect=dialect)
+        self.sql = str(compiled)
+        self.positional = bool(compiled.positional)
+        self.order = list(compiled.positiontup or [])
+        self.fixed = {k: b.value for k, b in compiled.binds.items() if not b.required}
+
+    def params(self, values: dict[str, Any]) -> Any:
+        p = {**self.fixed, **values}
+        return tuple(p[k] for k in self.order) if self.positional else p
+
+    def run(self, c: Connection, values: dict[str, Any]) -> Any:
+        return c.exec_driver_sql(self.sql, self.params(values))
+
+    def run_many(self, c: Connection, rows: list[dict[str, Any]]) -> None:
+        c.exec_driver_sql(self.sql, [self.params(r) for r in rows])
 
 
 def transfer_id(request_id: str, phase: str) -> str:
@@ -99,6 +191,21 @@ class Hold:
     expires_at: float
 
 
+@dataclass
+class Reconciliation:
+    """What :meth:`Ledger.reconcile` found; ``ok`` when every list is empty."""
+
+    projects: int = 0
+    transfers: int = 0
+    expired_open_holds: list[str] = field(default_factory=list)
+    balance_mismatches: list[str] = field(default_factory=list)
+    charge_mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.expired_open_holds or self.balance_mismatches or self.charge_mismatches)
+
+
 class Ledger:
     """A ledger on the database at ``url`` (tables are created if missing)."""
 
@@ -106,21 +213,74 @@ class Ledger:
         self.url = url
         self._clock = clock
         self.engine: Engine = _make_engine(url)
-        metadata.create_all(self.engine)
+        self._writer = _WriterLock(url)
+        with self._writer:  # several workers may open a new ledger at once
+            try:
+                metadata.create_all(self.engine)
+            except sa.exc.SQLAlchemyError:  # another process created it first (PostgreSQL)
+                metadata.create_all(self.engine)
+        self._migrate()
+        d = self.engine.dialect
+        self._reserve_sql, self._insert_hold_sql = _Sql(_RESERVE, d), _Sql(_INSERT_HOLD, d)
+        self._transfers_sql, self._settle_sql = _Sql(_INSERT_TRANSFERS, d), _Sql(_SETTLE, d)
+        self._post_sql, self._void_sql = _Sql(_POST, d), _Sql(_VOID, d)
+
+    def _migrate(self) -> None:
+        """Bring a ledger made by an earlier tpm_faas up to this schema."""
+        cols = {c["name"] for c in sa.inspect(self.engine).get_columns("holds")}
+        with self._tx() as c:
+            if "finished_at" not in cols:
+                c.exec_driver_sql("ALTER TABLE holds ADD COLUMN finished_at FLOAT")
+                c.execute(holds.update().values(finished_at=holds.c.created_at))
+            if "attempt" not in cols:
+                c.exec_driver_sql("ALTER TABLE holds ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1")
+            known = {r.project for r in c.execute(sa.select(balances.c.project))}
+            for (name,) in c.execute(sa.select(projects.c.name)).all():
+                if name not in known:  # running sums from the transfers
+                    s = dict(
+                        c.execute(
+                            sa.select(transfers.c.kind, sa.func.sum(transfers.c.amount))
+                            .where(transfers.c.project == name)
+                            .group_by(transfers.c.kind)
+                        ).all()
+                    )
+                    c.execute(
+                        balances.insert().values(
+                            project=name,
+                            credited=int(s.get("credit") or 0),
+                            charged=int(s.get("post") or 0),
+                            held=int(s.get("hold") or 0) - int(s.get("release") or 0),
+                        )
+                    )
 
     def close(self) -> None:
         self.engine.dispose()
+        self._writer.close()
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+        """One write transaction."""
+        with (
+            self._writer,
+            self.engine.connect().execution_options(tpm_write=True) as conn,
+            conn.begin(),
+        ):
+            yield conn
+
+    @contextmanager
+    def _read(self, *, snapshot: bool = False) -> Iterator[Connection]:
+        """A read; ``snapshot``: all its statements see one state of the database."""
+        with self.engine.connect() as conn:
+            if snapshot and self.engine.dialect.name == "postgresql":
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
             yield conn
 
     # -- allocations --------------------------------------------------------------------
-    def credit(self, project: str, amount_micro: int, *, reference: str | None = None) -> None:
+    def credit(self, project: str, amount_micro: int, *, reference: str | None = None) -> bool:
         """Add ``amount_micro`` to ``project``'s allocation (creating the project).
 
-        ``reference`` makes the credit idempotent: the same reference credits once.
+        ``reference`` makes the credit idempotent: the same reference credits once. Returns
+        whether this call credited.
         """
         if amount_micro <= 0:
             raise LedgerError("a credit must be positive")
@@ -130,22 +290,22 @@ class Ledger:
             self._ensure_project(c, project, now)
             try:
                 with c.begin_nested():
-                    c.execute(
-                        transfers.insert().values(
-                            id=transfer_id(ref, "credit"),
-                            project=project,
-                            request_id=ref,
-                            kind="credit",
-                            amount=amount_micro,
-                            created_at=now,
-                        )
-                    )
+                    self._transfers(c, ref, project, [("credit", amount_micro)], "", "", now)
             except IntegrityError:
-                pass  # already credited under this reference
+                return False  # already credited under this reference
+            c.execute(
+                balances.update()
+                .where(balances.c.project == project)
+                .values(credited=balances.c.credited + amount_micro)
+            )
+        return True
 
     def balance(self, project: str) -> Balance:
-        with self._tx() as c:
-            return self._balance(c, project)
+        with self._read() as c:
+            row = c.execute(sa.select(balances).where(balances.c.project == project)).first()
+        if row is None:
+            return Balance(project, 0, 0, 0)
+        return Balance(project, int(row.credited), int(row.charged), int(row.held))
 
     # -- two-phase charging -------------------------------------------------------------
     def hold(
@@ -157,82 +317,138 @@ class Ledger:
         ttl_s: float,
         mode: str = "",
         identity: str = "",
+        max_open: int | None = None,
     ) -> Hold:
-        """Reserve the worst case of a request; refuses an overdraw or a reused request id."""
-        now = self._clock()
-        with self._tx() as c:
-            self._expire(c, now)
-            if (
-                c.execute(sa.select(projects.c.name).where(projects.c.name == project)).first()
-                is None
-            ):
-                raise InsufficientFunds(f"project {project!r} has no allocation in the ledger")
-            if c.execute(sa.select(holds.c.state).where(holds.c.request_id == request_id)).first():
-                raise DuplicateRequest(f"request {request_id} was already admitted once")
-            bal = self._balance(c, project)
-            if amount_micro > bal.available:
-                raise InsufficientFunds(
-                    f"project {project!r} has {to_su(bal.available):.6f} SU available; this "
-                    f"request may cost up to {to_su(amount_micro):.6f} SU"
-                )
+        """Reserve the worst case of a request; refuses an overdraw, a reused request id, or
+        (``max_open``) an identity that already has that many requests held, all checked in
+        the transaction that makes the hold."""
+        if amount_micro < 0:
+            raise LedgerError("a hold cannot be negative")
+        for attempt in (1, 2):
+            now = self._clock()
             h = Hold(request_id, project, amount_micro, now + ttl_s)
             try:
-                c.execute(
-                    holds.insert().values(
-                        request_id=request_id,
-                        project=project,
-                        amount=amount_micro,
-                        state="held",
-                        mode=mode,
-                        identity=identity,
-                        created_at=now,
-                        expires_at=h.expires_at,
-                    )
+                with self._tx() as c:
+                    if self._reserve_sql.run(c, {"p": project, "a": amount_micro}).rowcount == 1:
+                        self._check_open(c, identity, max_open)
+                        self._insert_hold_sql.run(
+                            c,
+                            {
+                                "request_id": request_id,
+                                "project": project,
+                                "amount": amount_micro,
+                                "state": "held",
+                                "mode": mode,
+                                "identity": identity,
+                                "created_at": now,
+                                "expires_at": h.expires_at,
+                            },
+                        )
+                        self._transfers(
+                            c, request_id, project, [("hold", amount_micro)], mode, identity, now
+                        )
+                        return h
+            except IntegrityError:  # the whole transaction, reservation included, is undone
+                return self._rehold(h, mode, identity, now, max_open)
+            # Refused: expired holds may be what is in the way; void them and try once more.
+            if attempt == 1 and not self._expire(project):
+                break
+        with self._read() as c:
+            state = c.execute(_STATE, {"r": request_id}).scalar()
+        if state in ("held", "posted"):  # a retry of an admitted request, whatever the funds
+            raise DuplicateRequest(f"request {request_id} was already admitted once")
+        bal = self.balance(project)
+        if not self._exists(project):
+            raise InsufficientFunds(f"project {project!r} has no allocation in the ledger")
+        raise InsufficientFunds(
+            f"project {project!r} has {to_su(bal.available):.6f} SU available; this "
+            f"request may cost up to {to_su(amount_micro):.6f} SU"
+        )
+
+    def _rehold(self, h: Hold, mode: str, identity: str, now: float, max_open: int | None) -> Hold:
+        """Hold a request id again whose earlier attempt was voided; refuse any other reuse."""
+        with self._tx() as c:
+            state = c.execute(_STATE, {"r": h.request_id}).scalar()
+            if state != "voided":
+                raise DuplicateRequest(f"request {h.request_id} was already admitted once")
+            if self._reserve_sql.run(c, {"p": h.project, "a": h.amount}).rowcount != 1:
+                raise InsufficientFunds(
+                    f"project {h.project!r} cannot cover {to_su(h.amount):.6f} SU for request "
+                    f"{h.request_id}"
                 )
-                self._transfer(c, request_id, project, "hold", amount_micro, mode, identity, now)
-            except IntegrityError as e:
-                raise DuplicateRequest(f"request {request_id} was already admitted once") from e
+            self._check_open(c, identity, max_open)
+            row = c.execute(
+                holds.update()
+                .where(holds.c.request_id == h.request_id, holds.c.state == "voided")
+                .values(
+                    state="held",
+                    amount=h.amount,
+                    charged=0,
+                    mode=mode,
+                    identity=identity,
+                    created_at=now,
+                    expires_at=h.expires_at,
+                    finished_at=None,
+                    attempt=holds.c.attempt + 1,
+                )
+                .returning(holds.c.project, holds.c.attempt)
+            ).first()
+            if row is None or row.project != h.project:
+                raise DuplicateRequest(f"request {h.request_id} was already admitted once")
+            self._transfers(
+                c,
+                h.request_id,
+                h.project,
+                [("hold", h.amount)],
+                mode,
+                identity,
+                now,
+                attempt=int(row.attempt),
+            )
         return h
 
     def post(self, request_id: str, actual_micro: int) -> int:
         """Charge the actual cost of a held request (capped at the hold); returns the charge."""
         now = self._clock()
         with self._tx() as c:
-            row = self._open_hold(c, request_id)
-            charge = min(max(actual_micro, 0), int(row.amount))
-            c.execute(
-                holds.update()
-                .where(holds.c.request_id == request_id, holds.c.state == "held")
-                .values(state="posted", charged=charge)
+            row = self._post_sql.run(
+                c, {"r": request_id, "a": max(actual_micro, 0), "now": now}
+            ).first()
+            if row is None:
+                raise self._not_held(c, request_id)
+            amount, charged = int(row.amount), int(row.charged)
+            self._transfers(
+                c,
+                request_id,
+                row.project,
+                [("release", amount), ("post", charged)],
+                row.mode,
+                row.identity,
+                now,
+                attempt=int(row.attempt),
             )
-            self._transfer(
-                c, request_id, row.project, "release", row.amount, row.mode, row.identity, now
-            )
-            self._transfer(c, request_id, row.project, "post", charge, row.mode, row.identity, now)
-        return charge
+            self._settle_sql.run(c, {"p": row.project, "released": amount, "charge": charged})
+        return charged
 
     def void(self, request_id: str) -> bool:
         """Release a held request without charging; ``False`` if it was not held."""
-        now = self._clock()
         with self._tx() as c:
-            row = c.execute(
-                sa.select(holds).where(holds.c.request_id == request_id, holds.c.state == "held")
-            ).first()
-            if row is None:
-                return False
-            self._void(c, row, now)
-        return True
+            return self._void(c, request_id, self._clock())
 
     def expire_holds(self) -> int:
         """Void every hold past its expiry; returns how many."""
-        with self._tx() as c:
-            return self._expire(c, self._clock())
+        return self._expire(None)
 
-    def open_holds(self, project: str | None = None) -> list[dict[str, Any]]:
+    # -- reading ------------------------------------------------------------------------
+    def open_holds(
+        self, project: str | None = None, *, identity: str | None = None
+    ) -> list[dict[str, Any]]:
         q = sa.select(holds).where(holds.c.state == "held")
         if project is not None:
             q = q.where(holds.c.project == project)
-        with self._tx() as c:
+        if identity is not None:
+            q = q.where(holds.c.identity == identity)
+        with self._read() as c:
             return [dict(r._mapping) for r in c.execute(q)]
 
     def charges(self, project: str | None = None) -> list[dict[str, Any]]:
@@ -240,78 +456,243 @@ class Ledger:
         q = sa.select(holds).where(holds.c.state == "posted").order_by(holds.c.created_at)
         if project is not None:
             q = q.where(holds.c.project == project)
-        with self._tx() as c:
+        with self._read() as c:
             return [dict(r._mapping) for r in c.execute(q)]
 
     def projects(self) -> list[str]:
-        with self._tx() as c:
+        with self._read() as c:
             return [r.name for r in c.execute(sa.select(projects.c.name).order_by(projects.c.name))]
+
+    def reconcile(self) -> Reconciliation:
+        """Check the ledger: no open hold past its expiry; every balance equals the sums of
+        its transfers; every posted request has exactly its hold, release and post transfers
+        with the amounts its hold row records."""
+        now = self._clock()
+        out = Reconciliation()
+        with self._read(snapshot=True) as c:
+            out.expired_open_holds = [
+                r.request_id
+                for r in c.execute(
+                    sa.select(holds.c.request_id).where(
+                        holds.c.state == "held", holds.c.expires_at <= now
+                    )
+                )
+            ]
+            sums: dict[str, dict[str, int]] = {}
+            for project, kind, total, n in c.execute(
+                sa.select(
+                    transfers.c.project,
+                    transfers.c.kind,
+                    sa.func.sum(transfers.c.amount),
+                    sa.func.count(),
+                ).group_by(transfers.c.project, transfers.c.kind)
+            ):
+                sums.setdefault(project, {})[kind] = int(total)
+                out.transfers += int(n)
+            for b in c.execute(sa.select(balances)):
+                out.projects += 1
+                s = sums.get(b.project, {})
+                want = (
+                    s.get("credit", 0),
+                    s.get("post", 0),
+                    s.get("hold", 0) - s.get("release", 0),
+                )
+                got = (int(b.credited), int(b.charged), int(b.held))
+                if got != want:
+                    out.balance_mismatches.append(
+                        f"{b.project}: balance (credited, charged, held) = {got}, "
+                        f"transfers give {want}"
+                    )
+            per_request: dict[str, dict[str, int]] = {}
+            for rid, kind, amount in c.execute(
+                sa.select(transfers.c.request_id, transfers.c.kind, transfers.c.amount).where(
+                    transfers.c.kind != "credit"
+                )
+            ):
+                sums_r = per_request.setdefault(rid, {"hold": 0, "release": 0, "post": 0})
+                sums_r[kind] = sums_r.get(kind, 0) + int(amount)
+            for h in c.execute(sa.select(holds)):
+                t = per_request.pop(h.request_id, {})
+                held = int(h.amount) if h.state == "held" else 0
+                got_t = {"held": t.get("hold", 0) - t.get("release", 0), "post": t.get("post", 0)}
+                want_t = {"held": held, "post": int(h.charged) if h.state == "posted" else 0}
+                if got_t != want_t or t.get("hold", 0) < int(h.amount):
+                    out.charge_mismatches.append(
+                        f"request {h.request_id} ({h.state}): transfers {t}, expected {want_t} net"
+                    )
+            out.charge_mismatches += [
+                f"request {rid}: transfers {t} without a hold" for rid, t in per_request.items()
+            ]
+        return out
+
+    def usage(self, project: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:
+        """Posted charges grouped by project, UTC day and mode, oldest first."""
+        day = sa.cast(holds.c.finished_at, sa.BigInteger) // 86400  # UTC day number
+        q = (
+            sa.select(
+                holds.c.project,
+                day.label("day"),
+                holds.c.mode,
+                sa.func.count().label("requests"),
+                sa.func.sum(holds.c.charged).label("charged"),
+            )
+            .where(holds.c.state == "posted", holds.c.finished_at >= since)
+            .group_by(holds.c.project, day, holds.c.mode)
+            .order_by(holds.c.project, day, holds.c.mode)
+        )
+        if project is not None:
+            q = q.where(holds.c.project == project)
+        with self._read() as c:
+            return [
+                {
+                    "project": r.project,
+                    "day": time.strftime("%Y-%m-%d", time.gmtime(float(r.day) * 86400)),
+                    "mode": r.mode,
+                    "requests": int(r.requests),
+                    "charged_micro": int(r.charged),
+                }
+                for r in c.execute(q)
+            ]
 
     # -- internals ----------------------------------------------------------------------
     def _ensure_project(self, c: Connection, project: str, now: float) -> None:
         if c.execute(sa.select(projects.c.name).where(projects.c.name == project)).first() is None:
             c.execute(projects.insert().values(name=project, created_at=now))
+            c.execute(balances.insert().values(project=project))
 
-    def _balance(self, c: Connection, project: str) -> Balance:
-        sums = dict(
-            c.execute(
-                sa.select(transfers.c.kind, sa.func.coalesce(sa.func.sum(transfers.c.amount), 0))
-                .where(transfers.c.project == project)
-                .group_by(transfers.c.kind)
-            ).all()
-        )
-        held = int(sums.get("hold", 0)) - int(sums.get("release", 0))
-        return Balance(project, int(sums.get("credit", 0)), int(sums.get("post", 0)), held)
+    def _exists(self, project: str) -> bool:
+        with self._read() as c:
+            q = sa.select(projects.c.name).where(projects.c.name == project)
+            return c.execute(q).first() is not None
 
-    def _open_hold(self, c: Connection, request_id: str) -> Any:
-        row = c.execute(sa.select(holds).where(holds.c.request_id == request_id)).first()
+    def _check_open(self, c: Connection, identity: str, max_open: int | None) -> None:
+        if max_open is None:
+            return
+        q = sa.select(sa.func.count()).where(holds.c.identity == identity, holds.c.state == "held")
+        running = int(c.execute(q).scalar_one())
+        if running >= max_open:
+            raise RateLimited(
+                f"you have {running} requests running; your group allows {max_open} at once"
+            )
+
+    def _not_held(self, c: Connection, request_id: str) -> LedgerError:
+        state = c.execute(_STATE, {"r": request_id}).scalar()
+        if state is None:
+            return LedgerError(f"request {request_id} has no hold")
+        return DuplicateRequest(f"request {request_id} is already {state}")
+
+    def _void(
+        self, c: Connection, request_id: str, now: float, *, expired_only: bool = False
+    ) -> bool:
+        until = now if expired_only else float("inf")
+        row = self._void_sql.run(c, {"r": request_id, "now": now, "until": until}).first()
         if row is None:
-            raise LedgerError(f"request {request_id} has no hold")
-        if row.state != "held":
-            raise DuplicateRequest(f"request {request_id} is already {row.state}")
-        return row
-
-    def _void(self, c: Connection, row: Any, now: float) -> None:
-        c.execute(
-            holds.update()
-            .where(holds.c.request_id == row.request_id, holds.c.state == "held")
-            .values(state="voided")
+            return False
+        amount = int(row.amount)
+        self._transfers(
+            c,
+            request_id,
+            row.project,
+            [("release", amount)],
+            row.mode,
+            row.identity,
+            now,
+            attempt=int(row.attempt),
         )
-        self._transfer(
-            c, row.request_id, row.project, "release", row.amount, row.mode, row.identity, now
+        self._settle_sql.run(c, {"p": row.project, "released": amount, "charge": 0})
+        return True
+
+    def _expire(self, project: str | None) -> int:
+        """Void the holds past their expiry (of ``project``, or all); returns how many."""
+        now = self._clock()
+        q = sa.select(holds.c.request_id, holds.c.project).where(
+            holds.c.state == "held", holds.c.expires_at <= now
         )
+        if project is not None:
+            q = q.where(holds.c.project == project)
+        with self._read() as c:
+            stale = c.execute(q).all()
+        n = 0
+        for rid, _project in stale:
+            with self._tx() as c:  # still expired? (it may have been voided and held again)
+                n += self._void(c, rid, now, expired_only=True)
+        return n
 
-    def _expire(self, c: Connection, now: float) -> int:
-        stale = c.execute(
-            sa.select(holds).where(holds.c.state == "held", holds.c.expires_at <= now)
-        ).all()
-        for row in stale:
-            self._void(c, row, now)
-        return len(stale)
-
-    def _transfer(
+    def _transfers(
         self,
         c: Connection,
         request_id: str,
         project: str,
-        kind: str,
-        amount: int,
+        parts: list[tuple[str, int]],
         mode: str,
         identity: str,
         now: float,
+        attempt: int = 1,
     ) -> None:
-        c.execute(
-            transfers.insert().values(
-                id=transfer_id(request_id, kind),
-                project=project,
-                request_id=request_id,
-                kind=kind,
-                amount=amount,
-                mode=mode,
-                identity=identity,
-                created_at=now,
-            )
+        self._transfers_sql.run_many(
+            c,
+            [
+                {
+                    "id": transfer_id(request_id, kind if attempt == 1 else f"{kind}#{attempt}"),
+                    "project": project,
+                    "request_id": request_id,
+                    "kind": kind,
+                    "amount": amount,
+                    "mode": mode,
+                    "identity": identity,
+                    "created_at": now,
+                }
+                for kind, amount in parts
+            ],
         )
+
+
+class _WriterLock:
+    """Serialises the writers of a SQLite ledger, across threads and processes.
+
+    A blocked ``flock`` wakes as soon as the lock is free; SQLite's own busy handler sleeps
+    and retries, which wastes most of the time under contention. PostgreSQL needs nothing:
+    for it this lock does nothing.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._path: Path | None = None
+        self._fd: int | None = None
+        self._pid = 0
+        self._thread = threading.Lock()
+        db = sa.engine.make_url(url).database if url.startswith("sqlite") else None
+        if db and db != ":memory:":
+            self._path = Path(db + ".writer-lock")
+
+    def __enter__(self) -> None:
+        if self._path is None:
+            return
+        if self._pid != os.getpid():  # a forked child: its own thread lock and descriptor
+            self._thread = threading.Lock()
+            self._fd = None
+        self._thread.acquire()
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+                self._pid = os.getpid()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        if self._path is None:
+            return
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread.release()
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
 
 
 def _make_engine(url: str) -> Engine:
@@ -329,7 +710,9 @@ def _make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        # Take the write lock up front so concurrent holds serialise instead of deadlocking.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front so they serialise instead of deadlocking;
+        # readers see a snapshot and never wait (WAL).
+        write = conn.get_execution_options().get("tpm_write")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine

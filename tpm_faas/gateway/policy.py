@@ -1,15 +1,20 @@
 """The site policy file: who may use which mode and model, at which limits and SU rates.
 
 Default deny: a caller matched by no group is refused. The first group that matches the
-caller's identity (or its domain) and allows the mode and model decides. The file is a YAML
-document validated into frozen pydantic models (unknown keys rejected with their path);
-its sha256 goes with every decision.
+caller (by identity, username domain, Globus group, or membership of a project the file
+lists) and allows the mode and model decides. The file is a YAML document validated into
+frozen pydantic models (unknown keys rejected with their path; JSON Schema in
+``policies/schema.json``); its sha256 goes with every decision. :class:`PolicyStore` reloads
+a changed file and swaps the whole policy at once, keeping the old one if the new is invalid.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import os
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -20,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tpm_faas.errors import ConfigError, LimitExceeded, PolicyDenied
 
+log = logging.getLogger(__name__)
+
 Mode = Literal["query", "embed", "intervene"]
 
 
@@ -28,20 +35,42 @@ class _Frozen(BaseModel):
 
 
 class Match(_Frozen):
-    """Who a group is: identities (ids or usernames) and/or username domains."""
+    """Who a group is; any one of these admits a caller."""
 
-    identities: list[str] = []
-    domains: list[str] = []
+    identities: list[str] = Field(default=[], description="Globus identity ids or usernames")
+    domains: list[str] = Field(default=[], description="username domains (alice@uni.edu)")
+    globus_groups: list[str] = Field(default=[], description="Globus group ids")
+    projects: list[str] = Field(default=[], description="projects of this file's 'projects'")
+
+
+class Project(_Frozen):
+    """An allocation's members (identities, usernames or Globus groups)."""
+
+    members: list[str] = []
+    globus_groups: list[str] = []
 
 
 class Limits(_Frozen):
     max_prompts: int = Field(default=8, ge=1)
     max_prompt_tokens: int = Field(default=2048, ge=1)
     max_new_tokens: int = Field(default=256, ge=0)
+    max_context_tokens: int | None = Field(
+        default=None, ge=1, description="prompt plus new tokens, at most the model's context"
+    )
     max_input_bytes: int = Field(default=4_000_000, ge=0)
     max_bytes_returned: int = Field(default=4_000_000, ge=0)
     max_hook_sites: int = Field(default=64, ge=0)
+    requests_per_min: int | None = Field(default=None, ge=1, description="per identity")
+    tokens_per_min: int | None = Field(
+        default=None, ge=1, description="per identity; input + max_new_tokens reserved"
+    )
+    group_requests_per_min: int | None = Field(default=None, ge=1, description="whole group")
+    group_tokens_per_min: int | None = Field(default=None, ge=1, description="whole group")
+    max_concurrent: int | None = Field(default=None, ge=1, description="per identity")
+    #: Intervention ops allowed; writes (set, add, ablate, patch, scale_heads) also need ``write``.
     allowed_ops: list[str] = ["save", "logit_lens"]
+    #: Hook sites allowed, as shell-style patterns of canonical names (``blocks.*.hook_resid_*``).
+    allowed_sites: list[str] = ["*"]
     write: bool = False
 
 
@@ -71,6 +100,7 @@ class PolicyFile(_Frozen):
     hold_ttl_s: int = Field(default=3600, ge=10)
     tiers: dict[str, float] = {"standard": 1.0}
     models: dict[str, Rates]
+    projects: dict[str, Project] = {}
     groups: list[Group]
 
 
@@ -82,6 +112,20 @@ class Usage:
     output_tokens: int = 0
     bytes_returned: int = 0
     hooked_sites: int = 0
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking, as the policy sees them."""
+
+    identity: str
+    username: str = ""
+    identity_set: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset({self.identity, self.username, *self.identity_set} - {""})
 
 
 @dataclass(frozen=True)
@@ -145,16 +189,33 @@ class Policy:
                 )
         return cls(data, hashlib.sha256(text).hexdigest(), source)
 
-    def decide(self, identity: str, username: str, mode: str, model: str) -> Decision:
+    def decide(
+        self,
+        identity: str | Caller,
+        username: str = "",
+        mode: str = "query",
+        model: str = "",
+    ) -> Decision:
         """The decision for a caller, or :class:`PolicyDenied` naming why (default deny)."""
-        matched = [g for g in self.data.groups if _matches(g.match, identity, username)]
+        caller = identity if isinstance(identity, Caller) else Caller(identity, username)
+        matched = self.matching(caller)
         if not matched:
-            raise PolicyDenied(f"no group of the site policy admits {username or identity}")
+            who = caller.username or caller.identity
+            raise PolicyDenied(f"no group of the site policy admits {who}")
         for g in matched:
             if mode in g.modes and model in g.models:
                 rates = self.data.models.get(model)
                 if rates is None:
                     raise PolicyDenied(f"the site policy sets no SU rates for model {model}")
+                log.info(
+                    "policy %s: %s may use %s on %s as group %s (project %s)",
+                    self.sha256[:12],
+                    caller.username or caller.identity,
+                    mode,
+                    model,
+                    g.name,
+                    g.allocation,
+                )
                 return Decision(
                     group=g.name,
                     project=g.allocation,
@@ -169,12 +230,67 @@ class Policy:
             raise PolicyDenied(f"the {mode!r} mode is not allowed for your groups ({names})")
         raise PolicyDenied(f"model {model} is not allowed for your groups ({names})")
 
+    def matching(self, caller: Caller) -> list[Group]:
+        """The groups that match ``caller``, in file order."""
+        return [g for g in self.data.groups if self._matches(g.match, caller)]
 
-def _matches(m: Match, identity: str, username: str) -> bool:
-    if identity in m.identities or (username and username in m.identities):
-        return True
-    domain = username.rpartition("@")[2] if "@" in username else ""
-    return bool(domain) and domain in m.domains
+    def _matches(self, m: Match, caller: Caller) -> bool:
+        names = caller.names
+        if names & set(m.identities) or caller.groups & set(m.globus_groups):
+            return True
+        domain = caller.username.rpartition("@")[2] if "@" in caller.username else ""
+        if domain and domain in m.domains:
+            return True
+        for name in m.projects:
+            p = self.data.projects.get(name)
+            if p is not None and (names & set(p.members) or caller.groups & set(p.globus_groups)):
+                return True
+        return False
+
+
+class PolicyStore:
+    """The current policy of a file, reloaded when the file changes.
+
+    :meth:`current` stats the file (cheap) and, when its mtime or size changed, parses the new
+    text completely before swapping it in: a request sees the old policy or the new one, never
+    a mix. An invalid new file is logged and the old policy stays.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._policy = Policy.load(path)  # a missing or invalid file: ConfigError
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[int, int]:
+        st = os.stat(self.path)
+        return (st.st_mtime_ns, st.st_size)
+
+    def current(self) -> Policy:
+        try:
+            stamp = self._stat()
+        except OSError:
+            return self._policy
+        if stamp != self._stamp:
+            with self._lock:
+                if stamp != self._stamp:
+                    self._stamp = stamp
+                    try:
+                        self._policy = Policy.load(self.path)
+                        log.info("policy %s reloaded: sha256 %s", self.path, self._policy.sha256)
+                    except ConfigError as e:
+                        log.error("policy %s not reloaded, keeping the old one: %s", self.path, e)
+        return self._policy
+
+
+def json_schema() -> str:
+    """The JSON Schema of policy files (``policies/schema.json``)."""
+    import json
+
+    schema = PolicyFile.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "tpm_faas site policy"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 
 def check_limit(what: str, value: int, limit: int) -> None:

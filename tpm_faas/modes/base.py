@@ -49,7 +49,15 @@ def count_tokens(model: ModelInfo, text: str) -> int:
     return len(tokenizer_for(model).encode(text))
 
 
-def check_context(model: ModelInfo, prompt_tokens: int, new_tokens: int) -> None:
+def check_context(
+    model: ModelInfo, prompt_tokens: int, new_tokens: int, limits: Limits | None = None
+) -> None:
+    if limits is not None and limits.max_context_tokens is not None:
+        check_limit(
+            "prompt plus max_new_tokens (tokens)",
+            prompt_tokens + new_tokens,
+            limits.max_context_tokens,
+        )
     if prompt_tokens + new_tokens > model.max_positions:
         raise LimitExceeded(
             f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({new_tokens}) exceeds the "

@@ -1,49 +1,242 @@
 """Intermediary access: declarative reads and writes of hidden states at named hook sites.
 
-The spec is checked against the model (layers, positions, vector widths) and the caller's
-limits (ops allowed, write permission, sites touched, bytes returned) before admission, and
-normalised (``"*"`` expanded, negative positions resolved) so the shard group runs exactly
-what was priced.
+:meth:`InterveneMode.admit` checks the spec against the model (sites, layers, heads,
+positions, tensor shapes) and the caller's limits (ops, sites, write permission, bytes in and
+out, sites touched) before anything runs, and normalises it (selectors expanded, negative
+positions resolved, inline tensors moved into one table) so the shard group runs exactly what
+was priced. Nothing here allocates a tensor: sizes come from the declarations.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import math
 from typing import Any
 
 from tpm_faas.errors import PolicyDenied, RequestError, TensorError
 from tpm_faas.gateway.policy import Limits, Usage, check_limit
-from tpm_faas.modes.base import Admission, Mode, check_context, check_output_bytes, count_tokens
+from tpm_faas.modes.base import Admission, Mode, check_context, tokenizer_for
 from tpm_faas.modes.query import BYTES_PER_TOKEN
 from tpm_faas.registry import ModelInfo
-from tpm_faas.schemas import AddOp, InterveneRequest, LogitLensOp, SaveOp
+from tpm_faas.schemas import (
+    WRITE_OPS,
+    AblateOp,
+    AddOp,
+    InterveneRequest,
+    LogitLensOp,
+    PatchOp,
+    Range,
+    SaveOp,
+    ScaleHeadsOp,
+    SetOp,
+    TensorPayload,
+    TensorRef,
+)
+from tpm_faas.sites import BLOCK_SITES, ModelShape, Site, parse_site
 
-WRITE_OPS = frozenset({"add"})
 #: Worst-case bytes of one logit-lens entry (token text, id and probability in JSON).
 BYTES_PER_LENS_ENTRY = 48
+#: Bytes per saved value (saved tensors come back as float32).
+BYTES_PER_VALUE = 4
+LENS_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _layers(sel: list[int] | str, n: int, where: str) -> list[int]:
-    if sel == "*":
+def model_shape(model: ModelInfo) -> ModelShape:
+    return ModelShape(
+        architecture=model.architecture,
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_heads=model.num_heads,
+        head_dim=model.head_dim,
+        vocab_size=model.vocab_size,
+    )
+
+
+def expand(sel: Any, n: int, what: str, where: str, *, ordered: bool = False) -> list[int]:
+    """Indices a selector picks out of ``0..n-1`` (negative ones count from ``n``): sorted,
+    or, with ``ordered`` (where rows of a tensor or of a patch source pair with them), in the
+    order given, each at most once."""
+    if sel is None or sel == "*":
         return list(range(n))
-    assert isinstance(sel, list)
-    for i in sel:
-        if i >= n:
-            raise RequestError(f"{where}: layer {i} is out of range (the model has {n} layers)")
-    return sorted(set(sel))
-
-
-def _positions(sel: list[int] | None, length: int, where: str) -> list[int]:
-    if sel is None:
-        return list(range(length))
-    out = []
-    for p in sel:
-        q = p + length if p < 0 else p
-        if not 0 <= q < length:
-            raise RequestError(
-                f"{where}: position {p} is out of range for a prompt of {length} tokens"
-            )
-        out.append(q)
+    raw = range(sel.start, sel.stop, sel.step) if isinstance(sel, Range) else sel
+    out: list[int] = []
+    for i in raw:
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise RequestError(f"{where}: {what} {i} is out of range (there are {n})")
+        out.append(j)
+    if not out:
+        raise RequestError(f"{where}: the {what} selector picks nothing")
+    if ordered:
+        if len(set(out)) != len(out):
+            raise RequestError(f"{where}: the {what} selector picks a {what} twice")
+        return out
     return sorted(set(out))
+
+
+def resolve_sites(site: str, layers: Any, m: ModelShape, where: str) -> list[Site]:
+    """The sites an op's ``site`` and ``layers`` denote."""
+    if site in BLOCK_SITES:
+        if layers is None:
+            raise RequestError(
+                f"{where}: block site {site!r} needs 'layers' (a list, range or '*')"
+            )
+        return [Site(i, site) for i in expand(layers, m.num_layers, "layer", where)]
+    if layers is not None:
+        raise RequestError(
+            f"{where}: 'layers' goes with a block site ({', '.join(BLOCK_SITES)}), "
+            f"not with {site!r}"
+        )
+    try:
+        return [parse_site(site, m)]
+    except RequestError as e:
+        raise RequestError(f"{where}: {e.message}") from None
+
+
+class _Spec:
+    """The normalisation of one request: tensors, ops, sites, bytes."""
+
+    def __init__(self, req: InterveneRequest, m: ModelShape, lengths: list[int], limits: Limits):
+        self.req, self.m, self.lengths, self.limits = req, m, lengths, limits
+        self.tensors: dict[str, dict[str, Any]] = {}
+        self.ops: list[dict[str, Any]] = []
+        self.sites: set[str] = set()
+        self.out_bytes = BYTES_PER_TOKEN * req.max_new_tokens * len(req.prompts)
+        self.in_bytes = sum(t.nbytes for t in req.tensors.values())
+        self.saves: dict[tuple[int, str], dict[str, Any]] = {}
+
+    def saved_bytes(self) -> int:
+        """Bytes of the merged saves: per prompt and site, the union of positions (plus every
+        generated token when any save of it asks) times the union of heads."""
+        total = 0
+        for u in self.saves.values():
+            site: Site = u["site"]
+            shape = site.shape(self.m)
+            if site.per_head and -1 not in u["heads"]:
+                shape = [len(u["heads"]), self.m.head_dim]
+            rows = len(u["pos"]) + (self.req.max_new_tokens if u["gen"] else 0)
+            total += rows * math.prod(shape) * BYTES_PER_VALUE
+        return total
+
+    def tensor(self, v: TensorPayload | TensorRef, name: str, where: str) -> TensorPayload:
+        if isinstance(v, TensorRef):
+            t = self.req.tensors.get(v.ref)
+            if t is None:
+                known = ", ".join(sorted(self.req.tensors)) or "none"
+                raise RequestError(f"{where}: no tensor {v.ref!r} in 'tensors' (there: {known})")
+            self.tensors[v.ref] = t.model_dump()
+            return t
+        self.in_bytes += v.nbytes
+        self.tensors[name] = v.model_dump()
+        return v
+
+    def add(self, i: int, op: Any) -> None:
+        where = f"ops[{i}] ({op.op})"
+        lim, m, req = self.limits, self.m, self.req
+        if op.op not in lim.allowed_ops:
+            raise PolicyDenied(f"{where}: the {op.op!r} operation is not allowed for your group")
+        if op.op in WRITE_OPS and not lim.write:
+            raise PolicyDenied(f"{where}: your group may read hidden states but not write them")
+        sites = resolve_sites(op.site, op.layers, m, where)
+        for s in sites:
+            if not any(fnmatch.fnmatchcase(s.name, pat) for pat in lim.allowed_sites):
+                raise PolicyDenied(f"{where}: hook site {s.name!r} is not allowed for your group")
+        # Rows of a value tensor or of a patch source pair with positions and heads in the
+        # order given; elsewhere order does not matter.
+        ordered = isinstance(op, (SetOp, AddOp, PatchOp))
+        targets = expand(op.prompts, len(req.prompts), "prompt", where)
+        positions = [
+            expand(
+                op.positions, self.lengths[p], "position", f"{where}, prompt {p}", ordered=ordered
+            )
+            for p in targets
+        ]
+        per_head = sites[0].per_head
+        if op.heads is not None and not per_head:
+            raise RequestError(f"{where}: 'heads' selects heads of attn.hook_z, not of {op.site!r}")
+        heads = expand(op.heads, m.num_heads, "head", where, ordered=ordered) if per_head else None
+        token_shape = sites[0].shape(m)
+        if heads is not None:
+            token_shape = [len(heads), m.head_dim]
+        norm: dict[str, Any] = {
+            "op": op.op,
+            "sites": [s.name for s in sites],
+            "prompts": targets,
+            "positions": positions,
+            "heads": None if heads is None or heads == list(range(m.num_heads)) else heads,
+            "generation": op.generation,
+        }
+        if op.generation and req.max_new_tokens == 0:
+            raise RequestError(f"{where}: 'generation' needs max_new_tokens > 0")
+        if isinstance(op, SaveOp):
+            # Saves of one site and prompt are merged (the union of positions and heads) and
+            # priced as merged, in saved_bytes().
+            for s in sites:
+                for p, pos in zip(targets, positions, strict=True):
+                    u = self.saves.setdefault(
+                        (p, s.name), {"pos": set(), "heads": set(), "gen": False, "site": s}
+                    )
+                    u["pos"].update(pos)
+                    u["heads"].update(heads if heads is not None else [-1])
+                    u["gen"] = u["gen"] or op.generation
+        elif isinstance(op, LogitLensOp):
+            if op.site not in LENS_SITES:
+                raise RequestError(f"{where}: the logit lens reads {', '.join(LENS_SITES)}")
+            if op.generation:
+                raise RequestError(f"{where}: the logit lens reads prompt tokens only")
+            rows = sum(len(p) for p in positions)
+            self.out_bytes += len(sites) * rows * op.top_k * BYTES_PER_LENS_ENTRY
+            norm["top_k"] = op.top_k
+        elif isinstance(op, (SetOp, AddOp)):
+            value = op.value if isinstance(op, SetOp) else op.vector
+            inline = f"#ops.{i}.value"  # '#' is not allowed in a user's tensor name
+            t = self.tensor(value, inline, where)
+            if t.dtype not in FLOAT_DTYPES:
+                raise TensorError(f"{where}: the tensor must be floating point, not {t.dtype}")
+            n_pos = {len(p) for p in positions}
+            per_pos = t.shape[1:] == token_shape and len(n_pos) == 1 and t.shape[0] in n_pos
+            if t.shape != token_shape and not per_pos:
+                raise TensorError(
+                    f"{where}: the tensor has shape {t.shape}; {op.site!r} needs {token_shape} "
+                    f"(one token) or [positions, *{token_shape}]"
+                )
+            if per_pos and op.generation:
+                raise TensorError(
+                    f"{where}: with 'generation' the tensor must be one token's shape {token_shape}"
+                )
+            norm["value"] = value.ref if isinstance(value, TensorRef) else inline
+            norm["scale"] = op.scale if isinstance(op, AddOp) else 1.0
+        elif isinstance(op, AblateOp):
+            norm["method"] = op.method
+        elif isinstance(op, PatchOp):
+            if op.generation:
+                raise RequestError(f"{where}: 'patch' acts on prompt tokens only")
+            src = op.source
+            if src >= len(req.prompts):
+                raise RequestError(f"{where}: source prompt {src} does not exist")
+            # By default the same positions, resolved against the source prompt.
+            src_sel = op.positions if op.source_positions is None else op.source_positions
+            src_pos = expand(src_sel, self.lengths[src], "position", f"{where}, source")
+            for p, pos in zip(targets, positions, strict=True):
+                if p <= src:
+                    raise RequestError(
+                        f"{where}: prompt {p} cannot be patched from prompt {src}: the source "
+                        "must come earlier in 'prompts'"
+                    )
+                if len(pos) != len(src_pos):
+                    raise RequestError(
+                        f"{where}: prompt {p} has {len(pos)} target positions but the source "
+                        f"has {len(src_pos)}"
+                    )
+            norm["source"] = src
+            norm["source_positions"] = src_pos
+        elif isinstance(op, ScaleHeadsOp):
+            if not per_head:
+                raise RequestError(f"{where}: 'scale_heads' acts on attn.hook_z only")
+            norm["scale"] = op.scale
+        self.sites.update(s.name for s in sites)
+        self.ops.append(norm)
 
 
 class InterveneMode(Mode):
@@ -52,78 +245,50 @@ class InterveneMode(Mode):
     shard_op = "intervene"
 
     def admit(self, request: InterveneRequest, model: ModelInfo, limits: Limits) -> Admission:
-        n_tokens = count_tokens(model, request.prompt)
-        check_limit("the prompt (tokens)", n_tokens, limits.max_prompt_tokens)
+        tok = tokenizer_for(model)
+        check_limit("prompts", len(request.prompts), limits.max_prompts)
+        lengths = [len(tok.encode(p)) for p in request.prompts]
+        check_limit("the longest prompt (tokens)", max(lengths), limits.max_prompt_tokens)
         check_limit("max_new_tokens", request.max_new_tokens, limits.max_new_tokens)
-        check_context(model, n_tokens, request.max_new_tokens)
-        d, n_layers = model.hidden_size, model.num_layers
-        ops: list[dict[str, Any]] = []
-        sites: set[tuple[str, int]] = set()
-        out_bytes = BYTES_PER_TOKEN * request.max_new_tokens
+        check_context(model, max(lengths), request.max_new_tokens, limits)
+        spec = _Spec(request, model_shape(model), lengths, limits)
         for i, op in enumerate(request.ops):
-            where = f"ops[{i}] ({op.op})"
-            if op.op not in limits.allowed_ops:
-                raise PolicyDenied(
-                    f"{where}: the {op.op!r} operation is not allowed for your group"
-                )
-            if op.op in WRITE_OPS and not limits.write:
-                raise PolicyDenied(f"{where}: your group may read hidden states but not write them")
-            if isinstance(op, SaveOp):
-                layers = _layers(op.layers, n_layers, where)
-                pos = _positions(op.positions, n_tokens, where)
-                sites.update((op.site, layer) for layer in layers)
-                out_bytes += len(layers) * len(pos) * d * 4
-                ops.append({"op": "save", "site": op.site, "layers": layers, "positions": pos})
-            elif isinstance(op, AddOp):
-                if op.layer >= n_layers:
-                    raise RequestError(
-                        f"{where}: layer {op.layer} is out of range ({n_layers} layers)"
-                    )
-                if op.vector.shape != [d]:
-                    raise TensorError(f"{where}: vector has shape {op.vector.shape}; needs [{d}]")
-                pos_add = (
-                    None if op.positions is None else _positions(op.positions, n_tokens, where)
-                )
-                sites.add((op.site, op.layer))
-                ops.append(
-                    {
-                        "op": "add",
-                        "site": op.site,
-                        "layer": op.layer,
-                        "vector": op.vector.model_dump(),
-                        "scale": op.scale,
-                        "positions": pos_add,
-                    }
-                )
-            elif isinstance(op, LogitLensOp):
-                layers = _layers(op.layers, n_layers, where)
-                pos = _positions(op.positions, n_tokens, where)
-                sites.update(("hook_resid_post", layer) for layer in layers)
-                out_bytes += len(layers) * len(pos) * op.top_k * BYTES_PER_LENS_ENTRY
-                ops.append(
-                    {"op": "logit_lens", "layers": layers, "positions": pos, "top_k": op.top_k}
-                )
-        check_limit("hook sites touched", len(sites), limits.max_hook_sites)
-        check_output_bytes(out_bytes, limits)
+            spec.add(i, op)
+        spec.out_bytes += spec.saved_bytes()
+        unused = set(request.tensors) - set(spec.tensors)
+        if unused:
+            raise RequestError(f"tensors {sorted(unused)} are not used by any op")
+        check_limit("tensors sent (bytes)", spec.in_bytes, limits.max_input_bytes)
+        check_limit("hook sites touched", len(spec.sites), limits.max_hook_sites)
+        check_limit(
+            "the result size this request may return (bytes)",
+            spec.out_bytes,
+            limits.max_bytes_returned,
+        )
         worst = Usage(
-            input_tokens=n_tokens,
-            output_tokens=request.max_new_tokens,
-            bytes_returned=out_bytes,
-            hooked_sites=len(sites),
+            input_tokens=sum(lengths),
+            output_tokens=request.max_new_tokens * len(request.prompts),
+            bytes_returned=spec.out_bytes,
+            hooked_sites=len(spec.sites),
         )
         body = {
-            "prompt": request.prompt,
-            "ops": ops,
+            "prompts": list(request.prompts),
+            "tensors": spec.tensors,
+            "ops": spec.ops,
             "max_new_tokens": request.max_new_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
             "seed": request.seed,
+            "stop_at_eos": request.stop_at_eos,
         }
         return Admission(worst, self.shard_op, body)
 
     def usage(
         self, request: InterveneRequest, admission: Admission, result: dict[str, Any]
     ) -> Usage:
+        runs = result["results"]
         return Usage(
-            input_tokens=int(result["prompt_tokens"]),
-            output_tokens=int(result["completion_tokens"]),
+            input_tokens=sum(int(r["prompt_tokens"]) for r in runs),
+            output_tokens=sum(int(r["completion_tokens"]) for r in runs),
             hooked_sites=admission.worst.hooked_sites,
         )

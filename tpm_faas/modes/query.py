@@ -24,7 +24,7 @@ class QueryMode(Mode):
         tokens = [count_tokens(model, p) for p in request.prompts]
         for i, n in enumerate(tokens):
             check_limit(f"prompts[{i}] (tokens)", n, limits.max_prompt_tokens)
-            check_context(model, n, request.max_new_tokens)
+            check_context(model, n, request.max_new_tokens, limits)
         worst_out = request.max_new_tokens * len(request.prompts)
         worst = Usage(
             input_tokens=sum(tokens),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tpm_faas.errors import ConfigError, UnknownModel
+from tpm_faas.registry import ModelInfo
 
 
 def resolve(model: str, roots: Sequence[Path]) -> Path:
@@ -56,6 +57,31 @@ def card(model_dir: Path) -> dict[str, Any]:
     data.setdefault("adapters", {})
     data.setdefault("heads", {})
     return data
+
+
+def model_info(name: str, model_dir: Path, *, dtype: str | None = None) -> ModelInfo:
+    """What the gateway knows of a model version, from its files alone (no torch)."""
+    from tpm_faas.sites import ModelShape
+
+    config = json.loads((model_dir / "config.json").read_text())
+    shape = ModelShape.from_config(config)
+    meta = card(model_dir)
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    return ModelInfo(
+        name=name,
+        hidden_size=shape.hidden_size,
+        num_layers=shape.num_layers,
+        vocab_size=shape.vocab_size,
+        max_positions=int(positions),
+        tokenizer=str(meta["tokenizer"]),
+        checkpoint_sha256=checkpoint_sha256(model_dir),
+        dtype=dtype or str(config.get("dtype") or config.get("torch_dtype") or "float32"),
+        architecture=shape.architecture,
+        num_heads=shape.num_heads,
+        head_dim=shape.head_dim,
+        adapters=dict(meta["adapters"]),
+        heads=dict(meta["heads"]),
+    )
 
 
 #: safetensors dtype names -> torch dtype names.

@@ -1,8 +1,8 @@
 """One rank of a shard group: load the model, stay warm, serve until told to stop.
 
-Rank 0 owns a ZeroMQ ROUTER socket on loopback and registers its address. Generation
-requests go to the scheduler (:mod:`tpm_faas.runtime.scheduler`), which batches them step by
-step; ``embed`` and ``intervene`` run whole between two steps. Every model call is broadcast
+Rank 0 owns a ZeroMQ ROUTER socket on loopback and registers its address. Generation and
+intervention requests go to the scheduler (:mod:`tpm_faas.runtime.scheduler`), which batches
+them step by step; ``embed`` runs whole between two steps. Every model call is broadcast
 first (JSON bytes in a uint8 tensor: no pickles cross ranks), so all ranks run the same
 forward passes; rank 0 replies. ``ping`` and ``info`` are answered by rank 0 alone.
 """
@@ -10,6 +10,7 @@ forward passes; rank 0 replies. ``ping`` and ``info`` are answered by rank 0 alo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -21,19 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from tpm_faas.errors import RequestError, TPMError
-from tpm_faas.registry import GroupEntry, Registry
+from tpm_faas.registry import HEARTBEAT_S, GroupEntry, Registry
 from tpm_faas.runtime.model_store import rank_device
 
 log = logging.getLogger(__name__)
 
-#: Ops that run whole on every rank; ``generate`` goes through the scheduler.
-RANK_OPS = ("embed", "intervene")
+#: Ops that run whole on every rank; ``generate`` and ``intervene`` go through the scheduler.
+RANK_OPS = ("embed",)
+#: Scheduler plans every rank runs on its decoder.
+PLANS = ("prefill", "decode", "release")
 
 
 def serve_rank(
     rank: int,
     tp_size: int,
-    master_port: int,
+    rendezvous_dir: str,
     model: str,
     model_dir: str,
     registry_dir: str,
@@ -41,36 +44,32 @@ def serve_rank(
     threads: int | None = None,
     max_batch: int = 8,
     max_wait_ms: float = 0.0,
+    replica: str = "",
 ) -> dict[str, Any]:
     """Run rank ``rank`` of a group of ``tp_size``; returns a summary when the group stops.
 
+    :param rendezvous_dir: where the group's ranks meet (see :mod:`.rendezvous`)
     :param max_batch: sequences decoded together at most (KV-cache slots)
     :param max_wait_ms: how long a request may wait for others to batch with while the group
         is idle (0: start at once; requests arriving later join at the next decode step)
     """
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(tp_size),
-            "LOCAL_SIZE": str(tp_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(master_port),
-        }
-    )
+    from tpm_faas.runtime.rendezvous import placement
+
+    where = placement(Path(rendezvous_dir), rank, tp_size)
+    os.environ.update(where.env())
     from tpm_faas.runtime.prebuild import use_prebuilt_ops
 
     use_prebuilt_ops()
     import torch
 
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // tp_size))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // where.local_size))
     import deepspeed
     import deepspeed.comm
 
     from tpm_faas.runtime.runner import ModelRunner
 
     if torch.cuda.is_available():
-        torch.cuda.set_device(rank)  # one GPU per rank, before NCCL starts
+        torch.cuda.set_device(where.local_rank)  # one GPU per rank, before NCCL starts
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     if dtype == "float32" and not torch.cuda.is_available():
         # DeepSpeed's CPU shared-memory all-reduce segfaults in fp32 on CPUs without AVX-512.
@@ -80,7 +79,7 @@ def serve_rank(
     runner.attach_decoder(slots=max_batch)
     served = 0
     if rank == 0:
-        rank0 = _Rank0(runner, tp_size, max_batch, max_wait_ms / 1000, memory)
+        rank0 = _Rank0(runner, tp_size, max_batch, max_wait_ms / 1000, memory, replica)
         served = rank0.serve(Registry(Path(registry_dir)))
     else:
         while True:
@@ -143,7 +142,7 @@ class _Rank0:
     """Rank 0: the ZeroMQ socket, the generation scheduler, and the broadcast to the ranks.
 
     The loop drains the socket (without blocking while sequences run), then runs one
-    scheduler step. ``embed`` and ``intervene`` run whole, between two decode steps.
+    scheduler step. ``embed`` runs whole, between two decode steps.
     """
 
     def __init__(
@@ -153,6 +152,7 @@ class _Rank0:
         max_batch: int,
         max_wait_s: float,
         memory: list[dict[str, Any]],
+        replica: str = "",
     ) -> None:
         from tpm_faas.runtime.scheduler import Scheduler
 
@@ -167,6 +167,7 @@ class _Rank0:
         )
         self.served = 0
         self.memory = memory  # every rank's, gathered after loading
+        self.replica = replica
 
     def _collective(self, msg: dict[str, Any]) -> Any:
         """Run ``msg`` on every rank (broadcast first); return rank 0's result."""
@@ -182,35 +183,51 @@ class _Rank0:
         port = sock.bind_to_random_port("tcp://127.0.0.1")
         self.address = f"tcp://127.0.0.1:{port}"
         info = self.runner.info
-        registry.register(
-            GroupEntry(
-                model=info,
-                address=self.address,
-                tp_size=self.tp_size,
-                pid=os.getpid(),
-                host=socket.gethostname(),
-                started_at=time.time(),
-                versions=runtime_versions(),
-            )
+        entry = GroupEntry(
+            model=info,
+            address=self.address,
+            tp_size=self.tp_size,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started_at=time.time(),
+            versions=runtime_versions(),
+            replica=self.replica,
+            heartbeat_at=time.time(),
         )
+        registry.register(entry)
+        next_beat = time.monotonic() + HEARTBEAT_S
         log.info("serving %s at %s (tp=%d)", info.name, self.address, self.tp_size)
         try:
             while True:
                 if self._drain(sock):
                     break
-                for ident, reply in self.scheduler.step() if self.scheduler.busy else ():
+                for ident, reply in self._step():
                     self.served += 1
                     sock.send_multipart([ident, b"", _dumps(reply)])
+                if time.monotonic() >= next_beat:  # the heartbeat: a fresh registry entry
+                    entry = dataclasses.replace(entry, heartbeat_at=time.time())
+                    registry.register(entry)
+                    next_beat = time.monotonic() + HEARTBEAT_S
         finally:
-            registry.unregister(info.name, address=self.address)
+            registry.unregister(info.name, address=self.address, replica=self.replica)
             sock.close()
         return self.served
+
+    def _step(self) -> list[tuple[Any, dict[str, Any]]]:
+        """One scheduler step; a bug in it fails the requests in flight, not the group."""
+        if not self.scheduler.busy:
+            return []
+        try:
+            return self.scheduler.step()
+        except Exception as e:
+            log.exception("scheduler step failed")
+            return self.scheduler.abort(f"the shard group failed a step: {type(e).__name__}: {e}")
 
     def _wait_ms(self) -> int:
         """How long to block on the socket before the next step."""
         sched = self.scheduler
         if not sched.busy:
-            return -1  # idle: sleep until a request comes
+            return int(HEARTBEAT_S * 1000)  # idle: sleep until a request (or a heartbeat)
         if sched.running == 0 and sched.oldest_wait_s < self.max_wait_s:
             return max(1, round(1000 * (self.max_wait_s - sched.oldest_wait_s)))
         return 0
@@ -235,8 +252,13 @@ class _Rank0:
                 result = {"served": self.served}
                 sock.send_multipart([ident, b"", _dumps({"ok": True, "result": result})])
                 return True
-            if op == "generate":
-                self.scheduler.submit(ident, msg.get("request_id", ""), msg.get("body") or {})
+            if op in ("generate", "intervene"):
+                self.scheduler.submit(
+                    ident,
+                    msg.get("request_id", ""),
+                    msg.get("body") or {},
+                    intervene=op == "intervene",
+                )
                 continue
             reply = self._answer(op, msg)
             sock.send_multipart([ident, b"", _dumps(reply)])
@@ -269,7 +291,7 @@ class _Rank0:
 
 def _execute(runner: Any, msg: dict[str, Any]) -> Any:
     op = msg["op"]
-    if op in ("prefill", "decode"):
+    if op in PLANS:
         return runner.run_plan(msg)
     if op not in RANK_OPS:
         raise RequestError(f"unknown shard op {op!r}")

@@ -1,4 +1,4 @@
-"""The model of one rank and the three things it does: generate, embed, intervene.
+"""The model of one rank: loading its shard, the serving decoder, and embed.
 
 Every rank of a shard group runs the same calls with the same inputs in the same order
 (tensor-parallel layers all-reduce inside the forward pass), so every rank computes the same
@@ -8,11 +8,7 @@ module still checks what it indexes.
 
 from __future__ import annotations
 
-import base64
-import math
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,42 +19,11 @@ from safetensors.torch import load_file
 from tpm_faas.errors import RequestError, TensorError
 from tpm_faas.registry import ModelInfo
 from tpm_faas.runtime import model_store
-from tpm_faas.runtime.scheduler import sample
+from tpm_faas.runtime.interventions import DTYPES, Heads, decode_tensor, encode_tensor
 from tpm_faas.tokenizer import ByteTokenizer
 
 if TYPE_CHECKING:
     from tpm_faas.runtime.decoder import Decoder
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-}
-
-
-def decode_tensor(payload: dict[str, Any]) -> torch.Tensor:
-    """A tensor from its JSON payload (declared dtype/shape; raw bytes; never a pickle)."""
-    dtype = DTYPES.get(payload["dtype"])
-    if dtype is None:
-        raise TensorError(f"unsupported dtype {payload['dtype']!r}")
-    shape = [int(s) for s in payload["shape"]]
-    raw = base64.b64decode(payload["data"], validate=True)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(raw) != math.prod(shape) * itemsize:
-        raise TensorError(f"tensor bytes ({len(raw)}) do not match shape {shape} of {dtype}")
-    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).clone()
-
-
-def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
-    """A float32 tensor as a JSON payload."""
-    t = t.detach().to(torch.float32).contiguous().cpu()
-    return {
-        "dtype": "float32",
-        "shape": list(t.shape),
-        "data": base64.b64encode(t.numpy().tobytes()).decode("ascii"),
-    }
 
 
 @dataclass
@@ -131,32 +96,44 @@ class ModelRunner:
                     w = tensors[f"{kind}.{ename}.weight"].to(torch.float32)
                     b = tensors.get(f"{kind}.{ename}.bias")
                     extras[f"{kind}.{ename}"] = LinearExtra(w, None if b is None else b.float())
-        info = ModelInfo(
-            name=name,
-            hidden_size=int(config.hidden_size),
-            num_layers=int(config.num_hidden_layers),
-            vocab_size=int(config.vocab_size),
-            max_positions=int(config.max_position_embeddings),
-            tokenizer=str(meta["tokenizer"]),
-            checkpoint_sha256=model_store.checkpoint_sha256(model_dir),
-            dtype=dtype,
-            adapters=dict(meta["adapters"]),
-            heads=dict(meta["heads"]),
-        )
+        info = model_store.model_info(name, model_dir, dtype=dtype)
         return cls(module, info, extras, weight_bytes=weight_bytes)
 
     # -- query: the serving decoder (batched by the scheduler on rank 0) --------------------
     def attach_decoder(self, *, slots: int, max_len: int | None = None) -> Decoder:
-        """Allocate the static KV cache and the decoder that serves generation."""
+        """Allocate the static KV cache and the decoder that serves generation and
+        interventions."""
         from tpm_faas.runtime.decoder import Decoder
 
         self.decoder = Decoder(
-            self.model, slots=slots, max_len=min(max_len or 1 << 30, self.info.max_positions)
+            self.model,
+            slots=slots,
+            max_len=min(max_len or 1 << 30, self.info.max_positions),
+            heads=self._heads(),
+            gather_heads=_gather_heads,
+            rank=int(os.environ.get("RANK", "0")),
         )
         return self.decoder
 
-    def run_plan(self, plan: dict[str, Any]) -> torch.Tensor:
-        """Run one scheduler plan (``prefill`` or ``decode``) on this rank."""
+    def _heads(self) -> Heads:
+        """This rank's share of the attention heads (AutoTP gives each rank a contiguous run)."""
+        import torch.distributed as dist
+
+        attn: Any = self.layers[0].self_attn
+        head_dim = self.info.head_dim
+        mine = int(attn.q_proj.weight.shape[0]) // head_dim
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return Heads(0, mine, mine)
+        counts = [
+            torch.zeros(1, dtype=torch.int64, device=model_store.rank_device())
+            for _ in range(dist.get_world_size())
+        ]
+        dist.all_gather(counts, torch.tensor([mine], device=model_store.rank_device()))
+        every = [int(c) for c in counts]
+        return Heads(sum(every[: dist.get_rank()]), mine, sum(every))
+
+    def run_plan(self, plan: dict[str, Any]) -> Any:
+        """Run one scheduler plan (``prefill``, ``decode``, ``release``) on this rank."""
         if self.decoder is None:
             raise RuntimeError("no decoder attached")
         return self.decoder.run_plan(plan)
@@ -194,125 +171,24 @@ class ModelRunner:
             result["output"] = encode_tensor(pooled)
         return result
 
-    # -- intervene -------------------------------------------------------------------------
-    @torch.inference_mode()
-    def intervene(self, body: dict[str, Any]) -> dict[str, Any]:
-        ids = self.tok.encode(body["prompt"])
-        n = len(ids)
-        saves: dict[int, list[int]] = {}
-        lens: dict[int, list[int]] = {}
-        adds: dict[int, list[tuple[torch.Tensor, list[int] | None]]] = {}
-        lens_k = 1
-        for op in body["ops"]:
-            if op["op"] == "save":
-                for layer in op["layers"]:
-                    saves[layer] = sorted(set(saves.get(layer, [])) | set(op["positions"]))
-            elif op["op"] == "logit_lens":
-                lens_k = max(lens_k, int(op["top_k"]))
-                for layer in op["layers"]:
-                    lens[layer] = sorted(set(lens.get(layer, [])) | set(op["positions"]))
-            elif op["op"] == "add":
-                vec = decode_tensor(op["vector"]).to(self.device).float() * float(op["scale"])
-                adds.setdefault(int(op["layer"]), []).append((vec, op["positions"]))
-            else:
-                raise RequestError(f"unknown intervention op {op['op']!r}")
-        for layer in (*saves, *lens, *adds):
-            if not 0 <= layer < len(self.layers):
-                raise RequestError(f"layer {layer} is out of range")
-        captured: dict[int, torch.Tensor] = {}
-        offset = [0]  # position of the first token of the current forward pass
 
-        def hook(layer: int) -> Callable[[torch.nn.Module, Any, Any], Any]:
-            def run(_m: torch.nn.Module, _inp: Any, output: Any) -> Any:
-                h = output[0] if isinstance(output, tuple) else output
-                t = h.shape[1]
-                for vec, pos in adds.get(layer, ()):
-                    if pos is None:
-                        h = h + vec.to(h.dtype)
-                    else:
-                        rows = [p - offset[0] for p in pos if 0 <= p - offset[0] < t]
-                        if rows:
-                            h = h.clone()
-                            h[:, rows] += vec.to(h.dtype)
-                if offset[0] == 0 and layer in captured_layers:
-                    captured[layer] = h[0].detach().float().clone()
-                return (h, *output[1:]) if isinstance(output, tuple) else h
+def _gather_heads(t: torch.Tensor) -> torch.Tensor:
+    """Join a per-head tensor ``[..., heads, head_dim]`` across the group's ranks (in rank
+    order, which is head order under AutoTP). Ranks may hold different numbers of heads:
+    each part is padded to the largest for the all-gather, then cut back."""
+    import torch.distributed as dist
 
-            return run
-
-        captured_layers = set(saves) | set(lens)
-        hooked = set(captured_layers) | set(adds)
-        with _hooks({i: hook(i) for i in sorted(hooked)}, self.layers):
-            new: list[int] = []
-            max_new = int(body["max_new_tokens"])
-            if max_new > 0:
-                new = self._decode_with_offset(ids, max_new, int(body["seed"]), offset)
-            else:
-                self.model(input_ids=torch.tensor([ids], device=self.device))
-        saved = {
-            f"blocks.{layer}.hook_resid_post": {
-                "positions": pos,
-                "tensor": encode_tensor(captured[layer][pos]),
-            }
-            for layer, pos in sorted(saves.items())
-        }
-        table = []
-        for layer, pos in sorted(lens.items()):
-            h = captured[layer][pos].to(self.dtype).unsqueeze(0)  # AutoTP's lm_head wants 3-D
-            probs = torch.softmax(self.lm_head(self.norm(h))[0].float(), -1)
-            top = torch.topk(probs, lens_k, dim=-1)
-            for j, p in enumerate(pos):
-                table.append(
-                    {
-                        "layer": layer,
-                        "position": p,
-                        "input_token": self.tok.token_str(ids[p]),
-                        "top": [
-                            {
-                                "token": self.tok.token_str(int(t)),
-                                "id": int(t),
-                                "prob": round(float(q), 6),
-                            }
-                            for t, q in zip(top.indices[j], top.values[j], strict=True)
-                        ],
-                    }
-                )
-        return {
-            "prompt_tokens": n,
-            "completion_tokens": len(new),
-            "text": self.tok.decode(new),
-            "saved": saved,
-            "logit_lens": table,
-        }
-
-    def _decode_with_offset(
-        self, ids: list[int], max_new: int, seed: int, offset: list[int]
-    ) -> list[int]:
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        gen = torch.Generator().manual_seed(seed)
-        inputs = torch.tensor([ids], device=self.device)
-        new: list[int] = []
-        offset[0] = 0
-        for _ in range(max_new):
-            logits = self.model(input_ids=inputs, past_key_values=cache, use_cache=True).logits
-            nxt = sample(torch.log_softmax(logits[0, -1].float(), -1), 0.0, 1.0, gen)
-            new.append(nxt)
-            if nxt == self.tok.eos_id:
-                break
-            offset[0] += inputs.shape[1]
-            inputs = torch.tensor([[nxt]], device=self.device)
-        return new
-
-
-@contextmanager
-def _hooks(
-    hooks: dict[int, Callable[[torch.nn.Module, Any, Any], Any]], layers: list[torch.nn.Module]
-) -> Iterator[None]:
-    handles = [layers[i].register_forward_hook(fn) for i, fn in hooks.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    dev = model_store.rank_device()
+    world = dist.get_world_size()
+    mine = torch.tensor([t.shape[-2]], dtype=torch.int64, device=dev)
+    counts = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(counts, mine)
+    sizes = [int(c) for c in counts]
+    pad = [*t.shape[:-2], max(sizes), t.shape[-1]]
+    local = torch.zeros(pad, dtype=t.dtype, device=dev)
+    local[..., : t.shape[-2], :] = t.to(dev)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    return torch.cat([p[..., :n, :] for p, n in zip(parts, sizes, strict=True)], dim=-2).cpu()

@@ -34,6 +34,8 @@ class _Request:
     request_id: str
     body: dict[str, Any]
     enqueued: float
+    #: A number unique within this scheduler for requests with interventions, else None.
+    serial: int | None = None
     seqs: list[_Sequence] = field(default_factory=list)
     error: TPMError | None = None
 
@@ -78,7 +80,7 @@ class Scheduler:
 
     def __init__(
         self,
-        run_plan: Callable[[Plan], torch.Tensor],
+        run_plan: Callable[[Plan], Any],
         *,
         slots: int,
         max_len: int,
@@ -94,6 +96,7 @@ class Scheduler:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._requests: list[_Request] = []
+        self._serials = 0
 
     @property
     def busy(self) -> bool:
@@ -111,9 +114,15 @@ class Scheduler:
     def running(self) -> int:
         return len(self._running)
 
-    def submit(self, key: Any, request_id: str, body: dict[str, Any]) -> None:
-        """Queue a generation request; bad settings fail it alone at the next step."""
+    def submit(
+        self, key: Any, request_id: str, body: dict[str, Any], *, intervene: bool = False
+    ) -> None:
+        """Queue a generation request (``intervene``: with the interventions in ``body``,
+        normalised by the gateway); bad settings fail it alone at the next step."""
         req = _Request(key, request_id, body, time.perf_counter())
+        if intervene:
+            self._serials += 1
+            req.serial = self._serials
         self._requests.append(req)
         try:
             req.seqs = list(self._sequences(req))
@@ -130,7 +139,7 @@ class Scheduler:
         max_new = int(b.get("max_new_tokens", 0))
         temperature = float(b.get("temperature", 0.0))
         top_p = float(b.get("top_p", 1.0))
-        if max_new < 1:
+        if max_new < (0 if req.serial is not None else 1):
             raise RequestError(f"max_new_tokens must be at least 1, got {max_new}")
         if not (temperature >= 0.0 and temperature == temperature):
             raise RequestError(f"temperature must be >= 0, got {temperature}")
@@ -173,14 +182,24 @@ class Scheduler:
                 continue
             seq.slot = self._free.pop(0)
             seq.started = time.perf_counter()
+            plan: Plan = {"op": "prefill", "slot": seq.slot, "ids": seq.ids}
+            req = seq.request
+            if req.serial is not None:  # the spec travels once, with the first prompt
+                plan["iv"] = {"request": req.serial, "index": seq.index}
+                if seq.index == 0:
+                    plan["iv"]["spec"] = req.body
             try:
-                logits = self.run_plan({"op": "prefill", "slot": seq.slot, "ids": seq.ids})
+                logits = self.run_plan(plan)
             except Exception as e:  # this request fails alone
-                self._fail(seq.request, e)
+                self._fail(req, e)
                 continue
             self._running.append(seq)
-            self._accept(seq, torch.log_softmax(logits[0].float(), dim=-1))
-        active = [s for s in self._running if not s.done]
+            if seq.max_new == 0:  # interventions on the prompt only
+                seq.done = True
+                seq.first_token = seq.finished = time.perf_counter()
+                continue
+            self._accept(seq, torch.log_softmax(logits[0].float(), dim=-1).cpu())
+        active = [s for s in self._running if not s.done and s.request.error is None]
         if active:
             plan = {
                 "op": "decode",
@@ -194,15 +213,29 @@ class Scheduler:
                 for s in active:
                     self._fail(s.request, e)
             else:
-                logp = torch.log_softmax(logits.float(), dim=-1)  # the whole batch at once
+                # The whole batch at once, then on the host: sampling uses each sequence's
+                # CPU generator, and reading the chosen token needs no device sync per row.
+                logp = torch.log_softmax(logits.float(), dim=-1).cpu()
                 for row, s in enumerate(active):
                     s.max_batch = max(s.max_batch, len(active))
                     self._accept(s, logp[row])
         return self._retire()
 
     def _accept(self, seq: _Sequence, logp: torch.Tensor) -> None:
-        """Sample ``seq``'s next token from its log-probabilities; retire it when done."""
-        nxt = sample(logp, seq.temperature, seq.top_p, seq.gen)
+        """Sample ``seq``'s next token from its log-probabilities; retire it when done.
+
+        A sampling failure (e.g. non-finite logits from a write the request made) fails that
+        request alone."""
+        try:
+            nxt = sample(logp, seq.temperature, seq.top_p, seq.gen)
+        except Exception as e:
+            seq.done = True
+            seq.finished = time.perf_counter()
+            self._fail(
+                seq.request,
+                RequestError(f"sampling failed for prompts[{seq.index}]: {type(e).__name__}: {e}"),
+            )
+            return
         now = time.perf_counter()
         if not seq.new:
             seq.first_token = now
@@ -224,9 +257,17 @@ class Scheduler:
             )
 
     def _retire(self) -> list[tuple[Any, dict[str, Any]]]:
+        # A finished sequence gives its slot back at once, even if the rest of its request is
+        # still running: a request may have more prompts than there are slots. (What a slot
+        # held for interventions is replaced at the next prefill into it.)
+        for s in [s for s in self._running if s.done]:
+            self._running.remove(s)
+            self._free.append(s.slot)
+            s.slot = -1
         out = []
         for req in [r for r in self._requests if r.done]:
             self._requests.remove(req)
+            collected = self._release(req)
             for s in req.seqs:
                 if s in self._running:
                     self._running.remove(s)
@@ -237,11 +278,24 @@ class Scheduler:
                 self._waiting = deque(s for s in self._waiting if s.request is not req)
                 out.append((req.key, {"ok": False, "error": req.error.to_record(req.request_id)}))
             else:
-                out.append((req.key, {"ok": True, "result": self._result(req)}))
+                out.append((req.key, {"ok": True, "result": self._result(req, collected)}))
         self._free.sort()
         return out
 
-    def _result(self, req: _Request) -> dict[str, Any]:
+    def _release(self, req: _Request) -> list[dict[str, Any]] | None:
+        """Collect a request's intervention results and clear its state on every rank."""
+        if req.serial is None:
+            return None
+        try:
+            out: list[dict[str, Any]] | None = self.run_plan(
+                {"op": "release", "request": req.serial}
+            )
+        except Exception as e:
+            self._fail(req, e)
+            return None
+        return out
+
+    def _result(self, req: _Request, collected: list[dict[str, Any]] | None) -> dict[str, Any]:
         completions = []
         for s in req.seqs:
             item: dict[str, Any] = {
@@ -257,7 +311,7 @@ class Scheduler:
                     for t, lp in zip(s.new, s.logprobs, strict=True)
                 ]
             completions.append(item)
-        decode_tokens = sum(len(s.new) - 1 for s in req.seqs)
+        decode_tokens = sum(max(0, len(s.new) - 1) for s in req.seqs)
         decode_s = max(s.finished for s in req.seqs) - min(s.first_token for s in req.seqs)
         timing = {
             "queue_s": round(max(s.started for s in req.seqs) - req.enqueued, 6),
@@ -265,7 +319,14 @@ class Scheduler:
             "decode_tok_s": round(decode_tokens / decode_s, 2) if decode_s > 0 else None,
             "max_batch": max(s.max_batch for s in req.seqs),
         }
-        return {"completions": completions, "timing": timing}
+        if req.serial is None:
+            return {"completions": completions, "timing": timing}
+        by_index = {c["index"]: c for c in collected or []}
+        for item, s in zip(completions, req.seqs, strict=True):
+            got = by_index.get(s.index, {})
+            item["saved"] = got.get("saved", {})
+            item["logit_lens"] = got.get("logit_lens", [])
+        return {"results": completions, "timing": timing}
 
 
 def sample(logp: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

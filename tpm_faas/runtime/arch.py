@@ -1,0 +1,169 @@
+"""The pieces of a pre-norm decoder block, per architecture, over the model's own modules.
+
+The serving decoder (:mod:`tpm_faas.runtime.decoder`) runs one loop for every architecture::
+
+    x = embed(ids, positions)                                  # site: embed
+    for block i:                                               # site: resid_pre
+        q, k, v = qkv(i, x, rope)  -> attention with the KV cache -> z     # attn.hook_z
+        a = attn_out(i, z)                                     # hook_attn_out
+        x = x + a                                              # hook_resid_mid
+        m = mlp(i, x)                                          # hook_mlp_out
+        x = x + m                                              # hook_resid_post
+    logits = unembed(norm(x))                                  # ln_final, unembed
+
+Each class here maps those calls onto a ``transformers`` model's modules, which may be
+DeepSpeed AutoTP-sharded (column-parallel projections hold this rank's heads, row-parallel
+ones all-reduce), so the canonical hook sites mean the same thing on every backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class Arch:
+    """Llama (and Llama-shaped: Mistral, Qwen2 without biases differ only in config)."""
+
+    name = "llama"
+
+    def __init__(self, model: Any, max_len: int) -> None:
+        cfg = model.config
+        core = model.model
+        self.model = model
+        self.blocks: list[Any] = list(core.layers)
+        self.final_norm: Any = core.norm
+        self.lm_head: Any = model.lm_head
+        self.head_dim = int(
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        )
+        self.scaling = self.head_dim**-0.5
+        self.d_model = int(cfg.hidden_size)
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        self._embed = core.embed_tokens
+        attn0 = self.blocks[0].self_attn
+        # Heads this rank holds (all of them at tp=1; a share of them under AutoTP).
+        self.q_heads = int(attn0.q_proj.weight.shape[0]) // self.head_dim
+        self.kv_heads = int(attn0.k_proj.weight.shape[0]) // self.head_dim
+        positions = torch.arange(max_len, device=self.device)[None]
+        dummy = torch.empty(1, dtype=self.dtype, device=self.device)
+        cos, sin = core.rotary_emb(dummy, positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``ids`` and their ``positions`` ``[b, t]`` → ``[b, t, d]``."""
+        out: torch.Tensor = self._embed(ids)
+        return out
+
+    def rope(self, positions: torch.Tensor) -> Any:
+        """What :meth:`qkv` needs of ``positions`` ``[b, t]``: cos and sin ``[b, 1, t, d]``."""
+        flat = positions.reshape(-1)
+        cos = self.cos.index_select(0, flat).view(*positions.shape, -1)[:, None]
+        sin = self.sin.index_select(0, flat).view(*positions.shape, -1)[:, None]
+        return cos, sin
+
+    def qkv(
+        self, i: int, x: torch.Tensor, rope: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``[b, heads, t, head_dim]`` (rotary applied)."""
+        b, t, _ = x.shape
+        block = self.blocks[i]
+        h = block.input_layernorm(x)
+        attn = block.self_attn
+        q = attn.q_proj(h).view(b, t, self.q_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def attn_out(self, i: int, z: torch.Tensor) -> torch.Tensor:
+        """``z`` ``[b, t, heads, head_dim]`` → the output projection ``[b, t, d]``."""
+        b, t = z.shape[:2]
+        out: torch.Tensor = self.blocks[i].self_attn.o_proj(z.reshape(b, t, -1))
+        return out
+
+    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        block = self.blocks[i]
+        out: torch.Tensor = block.mlp(block.post_attention_layernorm(x))
+        return out
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.final_norm(x)
+        return out
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lm_head(x)
+        return out
+
+
+class GPT2Arch(Arch):
+    """GPT-2: learned positions, fused ``c_attn``, ``Conv1D`` projections, LayerNorm."""
+
+    name = "gpt2"
+
+    def __init__(self, model: Any, max_len: int) -> None:
+        cfg = model.config
+        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(
+            cfg, "reorder_and_upcast_attn", False
+        ):
+            raise NotImplementedError("GPT-2 variants with per-layer attention scaling")
+        core = model.transformer
+        self.model = model
+        self.blocks = list(core.h)
+        self.final_norm = core.ln_f
+        self.lm_head = model.lm_head
+        self.head_dim = int(cfg.n_embd // cfg.n_head)
+        self.scaling = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        self._wte, self._wpe = core.wte, core.wpe
+        self.q_heads = self.kv_heads = int(cfg.n_head)
+        self.d_model = int(cfg.n_embd)
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self._wte(ids) + self._wpe(positions)
+        return out
+
+    def rope(self, positions: torch.Tensor) -> Any:
+        return None
+
+    def qkv(
+        self, i: int, x: torch.Tensor, rope: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        block = self.blocks[i]
+        q, k, v = block.attn.c_attn(block.ln_1(x)).split(self.d_model, dim=2)
+        shape = (b, t, self.q_heads, self.head_dim)
+        return (
+            q.view(shape).transpose(1, 2),
+            k.view(shape).transpose(1, 2),
+            v.view(shape).transpose(1, 2),
+        )
+
+    def attn_out(self, i: int, z: torch.Tensor) -> torch.Tensor:
+        b, t = z.shape[:2]
+        out: torch.Tensor = self.blocks[i].attn.c_proj(z.reshape(b, t, -1))
+        return out
+
+    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        block = self.blocks[i]
+        out: torch.Tensor = block.mlp(block.ln_2(x))
+        return out
+
+
+def arch_for(model: Any, max_len: int) -> Arch:
+    """The block pieces of ``model`` (a ``*ForCausalLM``, possibly AutoTP-sharded)."""
+    kind = getattr(model.config, "model_type", "")
+    if kind == "llama":
+        return Arch(model, max_len)
+    if kind == "gpt2":
+        return GPT2Arch(model, max_len)
+    raise NotImplementedError(f"no serving decoder for architecture {kind!r} (llama, gpt2)")
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

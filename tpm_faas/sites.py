@@ -1,0 +1,128 @@
+"""Canonical hook sites: names that mean the same place in every backend's forward pass.
+
+Names follow TransformerLens. For a pre-norm decoder block ``i`` (Llama and GPT-2 alike)::
+
+    blocks.{i}.hook_resid_pre   the residual stream entering block i       [d_model]
+    blocks.{i}.attn.hook_z      attention output per head, before the     [n_heads, d_head]
+                                output projection
+    blocks.{i}.hook_attn_out    the attention output projection            [d_model]
+    blocks.{i}.hook_resid_mid   resid_pre + attn_out                      [d_model]
+    blocks.{i}.hook_mlp_out     the MLP's output (its norm included)       [d_model]
+    blocks.{i}.hook_resid_post  resid_mid + mlp_out                        [d_model]
+
+and outside the blocks ``embed`` (what enters block 0: token embeddings, plus the learned
+position embeddings on GPT-2), ``ln_final`` (the final norm's output) and ``unembed`` (the
+logits, ``[vocab]``). Shapes are per token. This module is pure: the gateway validates and
+prices a spec with it, without torch and without the model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tpm_faas.errors import RequestError
+
+#: Sites inside every block, in the order the forward pass reaches them.
+BLOCK_SITES = (
+    "hook_resid_pre",
+    "attn.hook_z",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
+#: Sites outside the blocks.
+GLOBAL_SITES = ("embed", "ln_final", "unembed")
+#: Architectures whose forward pass the runtime maps onto these sites.
+ARCHITECTURES = ("llama", "gpt2")
+
+_BLOCK_NAME = re.compile(r"^blocks\.(\d{1,5})\.(" + "|".join(map(re.escape, BLOCK_SITES)) + r")$")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes a site's shape depends on."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        """From a ``transformers`` ``config.json`` (Llama or GPT-2)."""
+        arch = str(config.get("model_type", ""))
+        if arch == "llama":
+            d, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            return cls(
+                arch,
+                int(config["num_hidden_layers"]),
+                d,
+                heads,
+                int(config.get("head_dim") or d // heads),
+                int(config["vocab_size"]),
+            )
+        if arch == "gpt2":
+            d, heads = int(config["n_embd"]), int(config["n_head"])
+            return cls(
+                arch, int(config["n_layer"]), d, heads, d // heads, int(config["vocab_size"])
+            )
+        raise RequestError(
+            f"architecture {arch!r} has no hook-site mapping (known: {', '.join(ARCHITECTURES)})"
+        )
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """One hook site: ``kind`` is a block site (with its ``layer``) or a global one (layer -1)."""
+
+    layer: int
+    kind: str
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.layer < 0 else f"blocks.{self.layer}.{self.kind}"
+
+    @property
+    def per_head(self) -> bool:
+        return self.kind == "attn.hook_z"
+
+    def shape(self, m: ModelShape) -> list[int]:
+        """The site's shape for one token."""
+        if self.kind == "attn.hook_z":
+            return [m.num_heads, m.head_dim]
+        if self.kind == "unembed":
+            return [m.vocab_size]
+        return [m.hidden_size]
+
+
+def parse_site(name: str, m: ModelShape) -> Site:
+    """The site a full name denotes, checked against the model."""
+    if name in GLOBAL_SITES:
+        return Site(-1, name)
+    match = _BLOCK_NAME.match(name)
+    if match is None:
+        raise RequestError(f"unknown hook site {name!r}; see `tpm-faas sites MODEL`")
+    layer = int(match.group(1))
+    if layer >= m.num_layers:
+        raise RequestError(f"hook site {name!r}: the model has {m.num_layers} layers")
+    return Site(layer, match.group(2))
+
+
+def all_sites(m: ModelShape) -> list[Site]:
+    """Every site of a model, in forward order."""
+    return [
+        Site(-1, "embed"),
+        *(Site(i, k) for i in range(m.num_layers) for k in BLOCK_SITES),
+        Site(-1, "ln_final"),
+        Site(-1, "unembed"),
+    ]
+
+
+def site_table(m: ModelShape) -> list[dict[str, Any]]:
+    """Rows for ``tpm-faas sites``: name and per-token shape of every site."""
+    return [{"site": s.name, "shape": s.shape(m)} for s in all_sites(m)]
