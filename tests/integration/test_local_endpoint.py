@@ -60,16 +60,18 @@ def _load_funcs() -> ModuleType:
 funcs = _load_funcs()
 
 
-def _engine_processes(run_dir: Path) -> list[str]:
-    """Live worker-pool processes of ``run_dir`` and interchanges that are our children.
+def _engine_processes(run_dir: Path) -> dict[int, str]:
+    """Live worker-pool processes of ``run_dir`` and interchanges that are our children, by pid.
 
-    ``-ww``: without it ps cuts ``args`` to the terminal width (80 columns under pytest),
-    which hides the run directory in the worker pool's command line.
+    Keyed by pid: a process's state column (``S``/``R``) changes between two snapshots, so
+    whole ``ps`` lines would make a busy, old process look new.  ``-ww``: without it ps cuts
+    ``args`` to the terminal width (80 columns under pytest), which hides the run directory
+    in the worker pool's command line.
     """
     out = subprocess.run(
         ["ps", "-ww", "-eo", "pid=,ppid=,stat=,args="], capture_output=True, text=True, check=True
     ).stdout
-    found = []
+    found = {}
     for line in out.splitlines():
         pid, ppid, stat, args = line.split(None, 3)
         if stat.startswith("Z") or int(pid) == os.getpid():
@@ -78,7 +80,7 @@ def _engine_processes(run_dir: Path) -> list[str]:
         # the interchange retitles itself "parsl: HTEX interchange"
         is_ix = "interchange" in args and int(ppid) == os.getpid()
         if is_pool or is_ix:
-            found.append(line.strip())
+            found[int(pid)] = args
     return found
 
 
@@ -227,14 +229,16 @@ def test_latency(endpoint: dict[str, Any]) -> None:
 
 def test_shutdown_leaves_no_processes(tmp_path: Path) -> None:
     run_dir = (tmp_path / "ep").resolve()
-    before = set(_engine_processes(run_dir))  # e.g. the module endpoint's interchange
+    before = set(_engine_processes(run_dir))  # pids, e.g. the module endpoint's interchange
     with LocalEndpoint(run_dir, max_workers=1) as ep:
         fid = ep.register_function(funcs.echo_upper)
         assert ep.run(fid, "x", timeout=TASK_TIMEOUT).startswith("X|")
-        ours = set(_engine_processes(run_dir)) - before
+        now = _engine_processes(run_dir)
+        ours = [now[pid] for pid in now.keys() - before]
         assert any("process_worker_pool" in p for p in ours), ours
         assert any("interchange" in p for p in ours), ours
-    assert set(_engine_processes(run_dir)) - before == set()
+    left = _engine_processes(run_dir)
+    assert {pid: left[pid] for pid in left.keys() - before} == {}
     with pytest.raises(RuntimeError, match="not started"):
         ep.submit(fid, "late")
     ep.shutdown()  # idempotent
