@@ -66,7 +66,11 @@ def test_replicas_scale_beat_and_are_restarted_by_the_supervisor(tmp_path: Path)
         seen = {registry.lookup("demo-tpm@1").replica for _ in range(40)}
         assert seen == {"r0", "r1"}  # requests spread over the live replicas
         beat = {e.replica: e.heartbeat_at for e in registry.entries("demo-tpm@1")}
-        time.sleep(6)  # one heartbeat period (idle groups beat too)
+        deadline = time.monotonic() + 30  # a heartbeat period is 5 s; idle groups beat too
+        while time.monotonic() < deadline and not all(
+            e.heartbeat_at > beat[e.replica] for e in registry.entries("demo-tpm@1")
+        ):
+            time.sleep(0.5)
         assert all(e.heartbeat_at > beat[e.replica] for e in registry.entries("demo-tpm@1"))
         victim = rs.groups["r1"].client().ping()["memory"][0]["pid"]
         os.kill(victim, signal.SIGKILL)
