@@ -77,6 +77,28 @@ class Result:
         run = self.output["results"][prompt]
         return {k: self.array(v["tensor"]) for k, v in run["saved"].items()}
 
+    def saved_ref(self, site: str, prompt: int = 0) -> dict[str, str]:
+        """A reference to a saved site of this result, for a later request's ``tensors``.
+
+        The site reads the values from its results directory instead of you sending them back;
+        it only works for results that came back by reference (``tensors_ref``), for their
+        owner, on the site that served them. The reference pins the file's sha256.
+
+        :raises ValueError: if this result's tensors came back inline (send the array instead)
+        """
+        run = self.output["results"][prompt]
+        if site not in run["saved"]:
+            known = ", ".join(sorted(run["saved"])) or "none"
+            raise KeyError(f"prompt {prompt} saved no {site!r} (saved: {known})")
+        payload = run["saved"][site]["tensor"]
+        ref = self.output.get("tensors_ref")
+        if ref is None or "key" not in payload:
+            raise ValueError(
+                "this result's tensors came back inline; send the array itself "
+                f"(result.saved_for({prompt})[{site!r}])"
+            )
+        return {"result": self.request_id, "key": payload["key"], "sha256": ref["sha256"]}
+
     @property
     def logit_lens(self) -> list[dict[str, Any]]:
         """The logit-lens rows of the first prompt (intervene)."""
@@ -226,7 +248,8 @@ class TPMClient:
         """Run ``prompts`` under a declarative list of hook-site reads and writes.
 
         Tensor values in ``ops`` (``set``'s ``value``, ``add``'s ``vector``) and in
-        ``tensors`` (named once, used by ``{"ref": name}``) may be numpy arrays.
+        ``tensors`` (named once, used by ``{"ref": name}``) may be numpy arrays; a ``tensors``
+        entry may also be an earlier by-reference result's tensor (:meth:`Result.saved_ref`).
         """
         enc = [{k: encode_array(v) if _is_array(v) else v for k, v in op.items()} for op in ops]
         body: dict[str, Any] = {
@@ -238,7 +261,9 @@ class TPMClient:
             "seed": seed,
         }
         if tensors:
-            body["tensors"] = {k: encode_array(v) for k, v in tensors.items()}
+            body["tensors"] = {
+                k: v if isinstance(v, dict) else encode_array(v) for k, v in tensors.items()
+            }
         return self.call("intervene", body, model=model)
 
     def call(self, mode: str, body: dict[str, Any], *, model: str | None = None) -> Result:

@@ -100,6 +100,12 @@ class TensorError(RequestError):
     code = "bad_tensor"
 
 
+class UnknownResult(RequestError):
+    """A referenced earlier result is not one of the caller's results at this site."""
+
+    code = "unknown_result"
+
+
 class AuthError(TPMError, PermissionError):
     """The caller could not be authenticated for this mode."""
 

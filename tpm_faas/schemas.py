@@ -156,6 +156,18 @@ class TensorRef(Strict):
     ref: TensorName
 
 
+class ResultTensor(Strict):
+    """A tensor of an earlier result of yours that came back by reference (its
+    ``tensors_ref``), read by the gateway from the site's results directory: the result's
+    request id, the tensor's ``key`` in the file, and the file's ``sha256`` (which pins the
+    exact values). Use it to patch or steer with activations without downloading and
+    re-sending them; it counts toward the request's input bytes like an inline tensor."""
+
+    result: RequestId
+    key: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.:-]+$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 Index = Annotated[int, Field(ge=-65536, le=65536)]
 LayerSelector = list[Annotated[int, Field(ge=0, le=65536)]] | Range | Literal["*"]
 PositionSelector = list[Index] | Range | None
@@ -255,7 +267,9 @@ class InterveneRequest(_ModeRequest):
     """
 
     prompts: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=64)
-    tensors: dict[TensorName, TensorPayload] = Field(default_factory=dict, max_length=64)
+    tensors: dict[TensorName, TensorPayload | ResultTensor] = Field(
+        default_factory=dict, max_length=64
+    )
     ops: list[InterventionOp] = Field(min_length=1, max_length=64)
     max_new_tokens: int = Field(default=0, ge=0, le=32768)
     temperature: float = Field(default=0.0, ge=0.0, le=10.0)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tpm_faas.embedded import EmbeddedSite
+from tpm_faas.errors import RemoteError
 
 pytestmark = pytest.mark.integration
 
@@ -134,6 +135,25 @@ def test_intervene_large_result_comes_by_reference(site: EmbeddedSite) -> None:
         np.testing.assert_array_equal(big.saved_for(1)[name], arr)
     assert big.saved["unembed"].shape == (len(PROMPT.encode()) * 12 + 1, 264)
     assert big.usage["bytes_returned"] >= ref["bytes"] > limit
+
+    # A later request patches with those activations by reference: the site reads them from
+    # its results directory (sha256-pinned); the same as sending them inline.
+    other = "Now Moses said, Let it now"  # as many tokens as PROMPT (byte tokenizer)
+    site_ = "blocks.1.hook_resid_post"
+    patch = [
+        {"op": "set", "site": site_, "value": {"ref": "acts"}},
+        {"op": "save", "site": "unembed"},
+    ]
+    by_ref = c.intervene(other, patch, tensors={"acts": big.saved_ref(site_, prompt=1)})
+    inline = c.intervene(other, patch, tensors={"acts": big.saved_for(1)[site_]})
+    np.testing.assert_array_equal(by_ref.saved["unembed"], inline.saved["unembed"])
+    # layer 1's whole residual stream is PROMPT's, so everything after it is PROMPT's
+    np.testing.assert_allclose(by_ref.saved["unembed"], small.saved["unembed"], atol=1e-5)
+    assert by_ref.receipt["request_sha256"] != inline.receipt["request_sha256"]
+    stale = {**big.saved_ref(site_, prompt=1), "sha256": "0" * 64}
+    with pytest.raises(RemoteError, match="sha256") as info:
+        c.intervene(other, patch, tensors={"acts": stale})
+    assert info.value.code == "bad_tensor" and info.value.remote_layer == "request"
 
 
 def test_ledger_records_every_charge_and_no_open_hold(site: EmbeddedSite) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,9 @@ from click.testing import CliRunner
 
 from tpm_faas.cli import main
 from tpm_faas.client import Result, decode_array, encode_array, load_results_file
-from tpm_faas.errors import RequestError
-from tpm_faas.gateway.results import offload, payloads
-from tpm_faas.schemas import json_schema
+from tpm_faas.errors import LimitExceeded, RequestError
+from tpm_faas.gateway.results import offload, payloads, read_tensor, resolve
+from tpm_faas.schemas import ResultTensor, TensorPayload, json_schema
 from tpm_faas.sites import ModelShape, all_sites, parse_site, site_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,3 +109,65 @@ def test_a_tampered_results_file_is_refused(tmp_path: Path) -> None:
     moved.mkdir()
     with pytest.raises(FileNotFoundError, match="not found"):
         load_results_file({**out["tensors_ref"], "uri": "file:///nonexistent/x"}, moved)
+
+
+def _offloaded(tmp_path: Path, request_id: str = "req-9", owner: str = "alice") -> Result:
+    out = _output(100)
+    offload(out, request_id, tmp_path, limit=16, owner=owner)
+    return Result(request_id, "intervene", out, {}, {}, raw={})
+
+
+def test_an_earlier_result_is_read_back_by_reference_for_its_owner(tmp_path: Path) -> None:
+    r = _offloaded(tmp_path)
+    ref = ResultTensor(**r.saved_ref("embed", prompt=0))
+    got = read_tensor(tmp_path, ref, frozenset({"alice"}), max_bytes=1 << 20)
+    assert got.dtype == "float32" and got.shape == [100, 64]
+    np.testing.assert_array_equal(decode_array(got.model_dump()), r.saved["embed"])
+    # in a request's tensors table, next to an inline tensor, within one byte budget
+    inline = TensorPayload(**encode_array(np.ones(64)))
+    table = resolve({"a": ref, "b": inline}, tmp_path, frozenset({"x", "alice"}), 100 * 64 * 4)
+    assert table["a"] == got and table["b"] is inline
+    with pytest.raises(LimitExceeded, match="limit is 25599"):
+        resolve({"a": ref}, tmp_path, frozenset({"alice"}), 100 * 64 * 4 - 1)
+
+
+def test_result_references_are_refused_clearly(tmp_path: Path) -> None:
+    r = _offloaded(tmp_path)
+    ref = ResultTensor(**r.saved_ref("embed"))
+    owners = frozenset({"alice"})
+
+    def code(ref: ResultTensor, who: frozenset[str] = owners) -> str:
+        with pytest.raises(RequestError) as info:
+            read_tensor(tmp_path, ref, who, max_bytes=1 << 20)
+        assert info.value.message.startswith("tensors:"), info.value.message
+        return info.value.code
+
+    # someone else's result and a missing one get the same answer
+    assert code(ref, frozenset({"mallory"})) == code(ref, frozenset()) == "unknown_result"
+    assert code(ref.model_copy(update={"result": "nope"})) == "unknown_result"
+    assert code(ref.model_copy(update={"key": "results.0.saved.x"})) == "bad_tensor"
+    assert code(ref.model_copy(update={"sha256": "0" * 64})) == "bad_tensor"
+    # a file without an owner (or a link to one) is nobody's
+    _offloaded(tmp_path, "req-10", owner="")
+    assert code(ref.model_copy(update={"result": "req-10"}), frozenset({""})) == "unknown_result"
+    (tmp_path / "req-11.safetensors").symlink_to(tmp_path / "req-9.safetensors")
+    assert code(ref.model_copy(update={"result": "req-11"})) == "unknown_result"
+    os.mkfifo(tmp_path / "req-12.safetensors")  # would block a plain open()
+    assert code(ref.model_copy(update={"result": "req-12"})) == "unknown_result"
+    # corrupt headers and entries never reach an allocation
+    path = tmp_path / "req-9.safetensors"
+    good = path.read_bytes()
+    n = int.from_bytes(good[:8], "little")
+    for broken in (
+        good[:5],
+        (1 << 40).to_bytes(8, "little") + good[8:],
+        good[:8] + b"[" + good[9:],
+        good[:8] + good[8 : 8 + n].replace(b'"F32"', b'"I64"') + good[8 + n :],
+        good[: 8 + n + 16],
+    ):
+        path.write_bytes(broken)
+        assert code(ref) == "bad_tensor"
+    with pytest.raises(ValueError, match="inline"):
+        Result("r", "intervene", _output(2), {}, {}, raw={}).saved_ref("embed")
+    with pytest.raises(KeyError, match="saved: embed"):
+        r.saved_ref("ln_final")

@@ -25,11 +25,18 @@ from pydantic import ValidationError
 from tpm_faas.config import Settings
 from tpm_faas.errors import ConfigError, MalformedRequest, RequestError, TPMError
 from tpm_faas.gateway import results
-from tpm_faas.gateway.auth import Authenticator, GlobusIntrospector, Introspector, LocalIntrospector
+from tpm_faas.gateway.auth import (
+    Authenticator,
+    GlobusIntrospector,
+    Introspector,
+    LocalIntrospector,
+    Principal,
+)
 from tpm_faas.gateway.ledger import Ledger, to_su
-from tpm_faas.gateway.policy import Caller, Policy, PolicyStore, Usage
+from tpm_faas.gateway.policy import Caller, Limits, Policy, PolicyStore, Usage
 from tpm_faas.gateway.ratelimit import RateLimiter
 from tpm_faas.registry import Registry
+from tpm_faas.schemas import ResultTensor
 from tpm_faas.shard_client import ShardClient
 
 log = logging.getLogger(__name__)
@@ -104,7 +111,7 @@ class Gateway:
         )
         decision = policy.decide(caller, mode=mode.name, model=request.model)
         limits = decision.limits
-        admission = mode.admit(request, group.model, limits)
+        admission = mode.admit(self._with_results(request, principal, limits), group.model, limits)
         held = decision.price_micro(admission.worst)
         worst_tokens = admission.worst.input_tokens + admission.worst.output_tokens
         reservation = self.limiter.admit(decision.group, principal.identity, limits, worst_tokens)
@@ -131,7 +138,7 @@ class Gateway:
             used = Usage(
                 used.input_tokens,
                 used.output_tokens,
-                self._bytes_out(output, request_id),
+                self._bytes_out(output, request_id, principal.identity),
                 used.hooked_sites,
             )
             used_tokens = used.input_tokens + used.output_tokens
@@ -175,11 +182,25 @@ class Gateway:
             },
         }
 
-    def _bytes_out(self, output: dict[str, Any], request_id: str) -> int:
+    def _with_results(self, request: Any, principal: Principal, limits: Limits) -> Any:
+        """``request`` with tensors named from the caller's earlier results read in (intervene's
+        ``tensors`` table); the request itself (and its hash in the receipt) keeps the refs,
+        whose sha256 pins the values."""
+        tensors = getattr(request, "tensors", None)
+        if not tensors or not any(isinstance(t, ResultTensor) for t in tensors.values()):
+            return request
+        owners = principal.identity_set | {principal.identity}
+        read = results.resolve(tensors, self.settings.results_dir, owners, limits.max_input_bytes)
+        return request.model_copy(update={"tensors": read})
+
+    def _bytes_out(self, output: dict[str, Any], request_id: str, owner: str) -> int:
         """Bytes the caller gets: tensors counted raw (inline or in a results file), plus the
-        rest of the JSON. Large tensors go to a file here (see :mod:`.results`)."""
+        rest of the JSON. Large tensors go to a file here (see :mod:`.results`), owned by
+        ``owner``."""
         s = self.settings
-        in_file = results.offload(output, request_id, s.results_dir, s.inline_limit_bytes)
+        in_file = results.offload(
+            output, request_id, s.results_dir, s.inline_limit_bytes, owner=owner
+        )
         found = results.payloads(output)
         inline_b64 = sum(len(p.get("data", "")) for _, p in found)
         text = len(json.dumps(output, separators=(",", ":")))

@@ -5,20 +5,32 @@ than the inline limit (4 MB by default), every tensor payload of the result is w
 ``<request id>.safetensors`` file, replaced in the result by its dtype, shape and key, and the
 result gains a ``tensors_ref`` naming the file, its size and its sha256. The client loads the
 file transparently (``tpm_faas.client``), after checking the hash.
+
+The file records its owner. A later ``intervene`` request of the same caller may name one of
+its tensors (:class:`~tpm_faas.schemas.ResultTensor`: request id, key, sha256) instead of
+sending the values again; the gateway reads it here (:func:`resolve`) before admission.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import math
 import os
 import re
+import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from tpm_faas.errors import LimitExceeded, TensorError, UnknownResult
+from tpm_faas.schemas import MAX_TENSOR_BYTES, ResultTensor, TensorPayload
 
 #: Keys of a tensor payload (see :class:`tpm_faas.schemas.TensorPayload`).
 PAYLOAD_KEYS = frozenset({"dtype", "shape", "data"})
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._:-]")
+#: A results file's JSON header is small (one entry per saved tensor); refuse anything huge.
+_MAX_HEADER = 16 * 1024 * 1024
 
 
 def payloads(obj: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
@@ -38,10 +50,14 @@ def payloads(obj: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
     return []
 
 
-def offload(output: dict[str, Any], request_id: str, results_dir: Path, limit: int) -> int:
+def offload(
+    output: dict[str, Any], request_id: str, results_dir: Path, limit: int, *, owner: str = ""
+) -> int:
     """Move ``output``'s tensors to a file when they exceed ``limit`` bytes (in place).
 
-    Returns the bytes written (0 when everything stays inline).
+    ``owner`` (the caller's identity) is recorded in the file's metadata: only its owner may
+    use the file's tensors in a later request (see :func:`read_tensor`). Returns the bytes
+    written (0 when everything stays inline).
     """
     found = payloads(output)
     inline = sum(3 * len(p["data"]) // 4 for _, p in found)
@@ -58,10 +74,10 @@ def offload(output: dict[str, Any], request_id: str, results_dir: Path, limit: i
             p["shape"]
         )
     results_dir.mkdir(parents=True, exist_ok=True)
-    name = _SAFE_NAME.sub("_", request_id) + ".safetensors"
+    name = file_name(request_id)
     path = results_dir / name
     tmp = results_dir / f".{name}.tmp"
-    save_file(arrays, str(tmp), metadata={"request_id": request_id})
+    save_file(arrays, str(tmp), metadata={"request_id": request_id, "owner": owner})
     digest = _sha256(tmp)
     os.replace(tmp, path)
     for key, p in found:
@@ -76,6 +92,134 @@ def offload(output: dict[str, Any], request_id: str, results_dir: Path, limit: i
         "format": "safetensors",
     }
     return size
+
+
+def file_name(request_id: str) -> str:
+    """The results file of ``request_id`` (a file name, never a path)."""
+    return _SAFE_NAME.sub("_", request_id) + ".safetensors"
+
+
+def read_tensor(
+    results_dir: Path, ref: ResultTensor, identities: frozenset[str], max_bytes: int
+) -> TensorPayload:
+    """One tensor of an earlier by-reference result, for a later request of its owner.
+
+    The file is opened once (no symlinks) and everything is read from that descriptor: the
+    header is parsed as JSON (never unpickled), the owner recorded at :func:`offload` must be
+    one of ``identities``, the tensor's declared size is checked against ``max_bytes`` and the
+    file's bounds before anything is read, and the whole file must hash to ``ref.sha256``.
+
+    :raises UnknownResult: no such result here, or not the caller's (the same answer for both)
+    :raises TensorError: no such key, a hash mismatch, a file that is not a results file
+    :raises LimitExceeded: a tensor larger than ``max_bytes``
+    """
+    missing = UnknownResult(
+        f"tensors: no result {ref.result!r} of yours in this site's results directory "
+        "(only results that came back by reference, on the site that served them)"
+    )
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK  # a FIFO must not block the worker
+    try:
+        fd = os.open(results_dir / file_name(ref.result), flags)
+    except OSError:
+        raise missing from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise missing
+        size = st.st_size
+        header, data_start = _header(f, size, ref.result)
+        meta = header.pop("__metadata__", None)
+        owner = meta.get("owner") if isinstance(meta, dict) else None
+        if not owner or owner not in identities:
+            raise missing
+        entry = header.get(ref.key)
+        if not isinstance(entry, dict):
+            keys = sorted(header)
+            shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+            raise TensorError(f"tensors: result {ref.result!r} has no tensor {ref.key!r} ({shown})")
+        shape, start, nbytes = _entry(entry, ref, data_start, size)
+        if nbytes > min(max_bytes, MAX_TENSOR_BYTES):
+            raise LimitExceeded(
+                f"tensors: {ref.key!r} of result {ref.result!r} is {nbytes} bytes; the limit "
+                f"is {min(max_bytes, MAX_TENSOR_BYTES)}"
+            )
+        f.seek(0)
+        digest = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        if digest.hexdigest() != ref.sha256:
+            raise TensorError(
+                f"tensors: result {ref.result!r} has sha256 {digest.hexdigest()}, not the "
+                f"{ref.sha256} you asked for"
+            )
+        f.seek(start)
+        data = f.read(nbytes)
+    if len(data) != nbytes:
+        raise TensorError(f"tensors: result {ref.result!r} is truncated")
+    return TensorPayload.from_bytes(data, "float32", shape)
+
+
+def resolve(
+    tensors: dict[str, TensorPayload | ResultTensor],
+    results_dir: Path,
+    identities: frozenset[str],
+    max_bytes: int,
+) -> dict[str, TensorPayload]:
+    """``tensors`` with every :class:`ResultTensor` replaced by its values.
+
+    Together the read tensors may not exceed ``max_bytes`` (the policy's input-bytes limit);
+    each read is bounded by what is left of it.
+    """
+    out: dict[str, TensorPayload] = {}
+    left = max_bytes
+    for name, t in tensors.items():
+        if isinstance(t, ResultTensor):
+            t = read_tensor(results_dir, t, identities, left)
+            left -= t.nbytes
+        out[name] = t
+    return out
+
+
+def _header(f: BinaryIO, size: int, result: str) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and where its data starts."""
+    bad = TensorError(f"tensors: the results file of {result!r} is not a valid safetensors file")
+    head = f.read(8)
+    if len(head) != 8:
+        raise bad
+    n = int.from_bytes(head, "little")
+    if n > min(size - 8, _MAX_HEADER):
+        raise bad
+    try:
+        header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError):
+        raise bad from None
+    if not isinstance(header, dict):
+        raise bad
+    return header, 8 + n
+
+
+def _entry(
+    entry: dict[str, Any], ref: ResultTensor, data_start: int, size: int
+) -> tuple[list[int], int, int]:
+    """Shape, absolute start and length of a header entry, checked against the file."""
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    ok = (
+        entry.get("dtype") == "F32"
+        and isinstance(shape, list)
+        and 1 <= len(shape) <= 4
+        and all(isinstance(d, int) and 1 <= d <= 1 << 24 for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and o >= 0 for o in offsets)
+    )
+    if not ok:
+        raise TensorError(f"tensors: {ref.key!r} of result {ref.result!r} is not a float32 tensor")
+    assert isinstance(shape, list) and isinstance(offsets, list)
+    nbytes = math.prod(shape) * 4
+    start = data_start + offsets[0]
+    if offsets[1] - offsets[0] != nbytes or start + nbytes > size:
+        raise TensorError(f"tensors: {ref.key!r} of result {ref.result!r} does not fit its file")
+    return shape, start, nbytes
 
 
 def _sha256(path: Path) -> str:

@@ -26,6 +26,7 @@ from tpm_faas.schemas import (
     LogitLensOp,
     PatchOp,
     Range,
+    ResultTensor,
     SaveOp,
     ScaleHeadsOp,
     SetOp,
@@ -94,16 +95,32 @@ def resolve_sites(site: str, layers: Any, m: ModelShape, where: str) -> list[Sit
         raise RequestError(f"{where}: {e.message}") from None
 
 
+def _read_table(req: InterveneRequest) -> dict[str, TensorPayload]:
+    """The request's ``tensors`` table, every entry a payload: references to earlier results
+    (:class:`ResultTensor`) are read by the gateway before admission, at the site that holds
+    the results."""
+    table: dict[str, TensorPayload] = {}
+    for name, t in req.tensors.items():
+        if isinstance(t, ResultTensor):
+            raise RequestError(
+                f"tensors.{name}: refers to result {t.result!r}; only the gateway of the site "
+                "that served it can read it"
+            )
+        table[name] = t
+    return table
+
+
 class _Spec:
     """The normalisation of one request: tensors, ops, sites, bytes."""
 
     def __init__(self, req: InterveneRequest, m: ModelShape, lengths: list[int], limits: Limits):
         self.req, self.m, self.lengths, self.limits = req, m, lengths, limits
+        self.table = _read_table(req)
         self.tensors: dict[str, dict[str, Any]] = {}
         self.ops: list[dict[str, Any]] = []
         self.sites: set[str] = set()
         self.out_bytes = BYTES_PER_TOKEN * req.max_new_tokens * len(req.prompts)
-        self.in_bytes = sum(t.nbytes for t in req.tensors.values())
+        self.in_bytes = sum(t.nbytes for t in self.table.values())
         self.saves: dict[tuple[int, str], dict[str, Any]] = {}
 
     def saved_bytes(self) -> int:
@@ -121,7 +138,7 @@ class _Spec:
 
     def tensor(self, v: TensorPayload | TensorRef, name: str, where: str) -> TensorPayload:
         if isinstance(v, TensorRef):
-            t = self.req.tensors.get(v.ref)
+            t = self.table.get(v.ref)
             if t is None:
                 known = ", ".join(sorted(self.req.tensors)) or "none"
                 raise RequestError(f"{where}: no tensor {v.ref!r} in 'tensors' (there: {known})")
