@@ -14,11 +14,12 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from tpm_faas.errors import DuplicateRequest, InsufficientFunds
+from tpm_faas.errors import DuplicateRequest, InsufficientFunds, RateLimited
 from tpm_faas.gateway.ledger import Ledger
 
 pytestmark = pytest.mark.integration
@@ -96,6 +97,22 @@ def _greedy(url: str, worker: int, n: int) -> int:
     return won
 
 
+def _busy(url: str, worker: int, n: int, start: Any) -> int:
+    """One identity's requests, each worker charging its own project, none finishing."""
+    lg = Ledger(url)
+    lg.balance(f"proj{worker}")  # connected before the race starts
+    start.wait()
+    won = 0
+    for k in range(n):
+        try:
+            lg.hold(f"c{worker}-{k}", f"proj{worker}", 10, ttl_s=3600, identity="u", max_open=3)
+            won += 1
+        except RateLimited:
+            pass
+    lg.close()
+    return won
+
+
 def _pool() -> ProcessPoolExecutor:
     return ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"))
 
@@ -125,6 +142,21 @@ def test_the_balance_guard_never_lets_a_project_overdraw(url: str) -> None:
     assert won == 50
     bal = lg.balance("tight")
     assert bal.held == 5000 and bal.available == 0
+    assert lg.reconcile().ok
+    lg.close()
+
+
+def test_concurrency_limit_holds_across_projects(url: str) -> None:
+    """``max_open`` counts an identity's open holds whichever projects they charge: eight
+    processes racing on eight different project rows get exactly three holds between them."""
+    lg = Ledger(url)
+    for w in range(WORKERS):
+        lg.credit(f"proj{w}", 10**6, reference=f"seed-{w}")
+    with multiprocessing.Manager() as manager, _pool() as pool:
+        start = manager.Barrier(WORKERS)
+        n = WORKERS
+        won = sum(pool.map(_busy, [url] * n, range(n), [10] * n, [start] * n))
+    assert won == 3 and len(lg.open_holds()) == 3
     assert lg.reconcile().ok
     lg.close()
 

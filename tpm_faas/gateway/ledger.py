@@ -135,6 +135,7 @@ _SETTLE = (
     .where(_b.project == sa.bindparam("p"))
     .values(held=_b.held - sa.bindparam("released"), charged=_b.charged + sa.bindparam("charge"))
 )
+_IDENTITY_LOCK = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))")
 _STATE = sa.select(_h.state).where(_h.request_id == sa.bindparam("r"))
 
 
@@ -566,8 +567,17 @@ class Ledger:
             return c.execute(q).first() is not None
 
     def _check_open(self, c: Connection, identity: str, max_open: int | None) -> None:
+        """Refuse an identity's hold past ``max_open`` open holds, counted in ``c``'s transaction.
+
+        On PostgreSQL the identity's holds may charge different projects (different row
+        locks), so concurrent holds take a transaction-scoped advisory lock on the identity
+        first; each then counts what the one before it committed. SQLite writers are already
+        one at a time.
+        """
         if max_open is None:
             return
+        if self.engine.dialect.name == "postgresql":
+            c.execute(_IDENTITY_LOCK, {"k": f"tpm_faas.open_holds:{identity}"})
         q = sa.select(sa.func.count()).where(holds.c.identity == identity, holds.c.state == "held")
         running = int(c.execute(q).scalar_one())
         if running >= max_open:
