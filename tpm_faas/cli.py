@@ -458,6 +458,54 @@ def ledger_reconcile(expire: bool) -> None:
     sys.exit(0 if r.ok else 1)
 
 
+@main.group()
+def results() -> None:
+    """Results that came back by reference (safetensors files in the results directory)."""
+
+
+_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def _duration(_ctx: Any, _param: Any, value: str) -> float:
+    """``7d``, ``12h``, ``30m``, ``90s`` (or a bare number of days) as seconds."""
+    text = value.strip().lower()
+    unit = _UNITS.get(text[-1:])
+    number = text[:-1] if unit is not None else text
+    try:
+        amount = float(number)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a duration such as 7d, 12h or 30m") from None
+    if not amount >= 0 or amount == float("inf"):
+        raise click.BadParameter(f"{value!r} must be a finite, non-negative duration")
+    return amount * (unit or _UNITS["d"])
+
+
+@results.command("prune")
+@click.option(
+    "--older-than",
+    "older_than",
+    default="7d",
+    show_default=True,
+    callback=_duration,
+    help="Delete results last written longer ago than this (7d, 12h, 30m).",
+)
+@click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
+def results_prune(older_than: float, dry_run: bool) -> None:
+    """Delete old by-reference results ($TPM_FAAS_HOME/results); run it from cron.
+
+    A pruned result can no longer be fetched or used by reference in a later request
+    (those requests get unknown_result)."""
+    import time
+
+    from tpm_faas.config import Settings
+    from tpm_faas.gateway.results import prune
+
+    where = Settings.from_env().results_dir
+    p = prune(where, older_than, now=time.time(), dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{where}: {verb} {p.files} files ({p.bytes / 1e6:.1f} MB); kept {p.kept}")
+
+
 # -- Globus Auth -----------------------------------------------------------------------------
 @main.group()
 def auth() -> None:

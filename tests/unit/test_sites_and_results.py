@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,32 @@ def test_result_references_are_refused_clearly(tmp_path: Path) -> None:
         Result("r", "intervene", _output(2), {}, {}, raw={}).saved_ref("embed")
     with pytest.raises(KeyError, match="saved: embed"):
         r.saved_ref("ln_final")
+
+
+def test_results_prune_removes_only_old_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TPM_FAAS_HOME", str(tmp_path))
+    where = tmp_path / "results"
+    now = time.time()
+    for rid, age_days in (("old", 9), ("new", 1)):
+        _offloaded(where, rid)
+        os.utime(where / f"{rid}.safetensors", (now - age_days * 86400,) * 2)
+    stale_tmp = where / ".gone.safetensors.tmp"
+    stale_tmp.write_bytes(b"x")
+    os.utime(stale_tmp, (now - 30 * 86400,) * 2)
+    other = where / "notes.txt"  # not ours: never touched, however old
+    other.write_text("keep")
+    os.utime(other, (now - 99 * 86400,) * 2)
+    run = CliRunner().invoke
+    dry = run(main, ["results", "prune", "--older-than", "7d", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "would delete 2 files" in dry.output and "kept 1" in dry.output
+    assert (where / "old.safetensors").exists()
+    done = run(main, ["results", "prune"])  # 7 days by default
+    assert "deleted 2 files" in done.output, done.output
+    assert sorted(p.name for p in where.iterdir()) == ["new.safetensors", "notes.txt"]
+    assert "deleted 1 files" in run(main, ["results", "prune", "--older-than", "12h"]).output
+    bad = run(main, ["results", "prune", "--older-than", "soon"])
+    assert bad.exit_code == 2 and "not a duration" in bad.output
+    assert run(main, ["results", "prune", "--older-than", "-1d"]).exit_code == 2

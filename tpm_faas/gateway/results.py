@@ -20,6 +20,7 @@ import math
 import os
 import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -178,6 +179,47 @@ def resolve(
             left -= t.nbytes
         out[name] = t
     return out
+
+
+def prune(results_dir: Path, older_than_s: float, *, now: float, dry_run: bool = False) -> Pruned:
+    """Delete results files (and unfinished temporary files) last written more than
+    ``older_than_s`` seconds before ``now``. Results are kept only for their owners to fetch
+    and to reuse by reference; a site prunes them on a schedule (``tpm-faas results prune``).
+    Files are matched by name; nothing else in the directory is touched."""
+    pruned = Pruned()
+    if not results_dir.is_dir():
+        return pruned
+    for path in sorted(results_dir.iterdir()):
+        name = path.name
+        ours = name.endswith(".safetensors") or (
+            name.startswith(".") and name.endswith(".safetensors.tmp")
+        )
+        try:
+            st = path.lstat()
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        if not ours or not stat.S_ISREG(st.st_mode):
+            continue
+        if now - st.st_mtime <= older_than_s:
+            pruned.kept += 1
+            continue
+        if not dry_run:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+        pruned.files += 1
+        pruned.bytes += st.st_size
+    return pruned
+
+
+@dataclass
+class Pruned:
+    """What :func:`prune` removed (or would remove) and kept."""
+
+    files: int = 0
+    bytes: int = 0
+    kept: int = 0
 
 
 def _header(f: BinaryIO, size: int, result: str) -> tuple[dict[str, Any], int]:
