@@ -185,7 +185,7 @@ class ShardGroup:
         from parsl.dataflow.dflow import DataFlowKernel
         from parsl.executors import HighThroughputExecutor
 
-        from tpm_faas.runtime.model_store import resolve
+        from tpm_faas.runtime.model_store import check_tp, resolve
         from tpm_faas.runtime.rank import serve_rank
 
         if self.tp_size < 1:
@@ -194,6 +194,7 @@ class ShardGroup:
         if self.tp_size % nodes:
             raise ConfigError(f"tp={self.tp_size} ranks do not spread evenly over {nodes} nodes")
         model_dir = resolve(self.model, self.settings.model_roots)
+        check_tp(self.model, model_dir, self.tp_size)
         registry = Registry(self.settings.registry_dir)
         registry.unregister(self.model, replica=self.replica)  # left by a group that died
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,24 @@ def resolve(model: str, roots: Sequence[Path]) -> Path:
     raise UnknownModel(f"model {model} is not in any model root ({', '.join(map(str, roots))})")
 
 
+#: Architectures DeepSpeed AutoTP shards; the others (GPT-2: AutoTP refuses its fused Conv1D
+#: attention) are served at tp=1.
+TP_ARCHITECTURES = ("llama",)
+
+
+def check_tp(name: str, model_dir: Path, tp_size: int) -> None:
+    """Refuse ``tp_size > 1`` for an architecture tensor parallelism cannot shard (read from
+    ``config.json`` alone, before any rank starts)."""
+    if tp_size <= 1:
+        return
+    kind = json.loads((model_dir / "config.json").read_text()).get("model_type", "")
+    if kind not in TP_ARCHITECTURES:
+        raise ConfigError(
+            f"{name} is a {kind or 'unknown'} model, which DeepSpeed AutoTP does not shard; "
+            f"serve it with tp=1 (tensor parallelism: {', '.join(TP_ARCHITECTURES)})"
+        )
+
+
 def checkpoint_sha256(model_dir: Path) -> str:
     """A hash over every file that defines the version (name and content, in name order)."""
     h = hashlib.sha256()
@@ -187,6 +205,7 @@ def load_shard(module: Any, model_dir: Path, *, rank: int, tp_size: int) -> int:
     device = rank_device()
     entries = weight_files(model_dir)
     params = dict(module.named_parameters())
+    entries.update(_tied_entries(module, params, entries))
     missing = sorted(set(params) - set(entries))
     if missing:
         raise ConfigError(f"checkpoint {model_dir} lacks tensors: {', '.join(missing[:5])}")
@@ -213,6 +232,26 @@ def load_shard(module: Any, model_dir: Path, *, rank: int, tp_size: int) -> int:
             p.data = t.to(device=device, dtype=p.dtype)
             nbytes += t.numel() * t.element_size()
     return nbytes
+
+
+def _tied_entries(
+    module: Any, params: dict[str, Any], entries: dict[str, TensorEntry]
+) -> dict[str, TensorEntry]:
+    """Checkpoint entries for an output embedding tied to the input one (GPT-2 saves only
+    ``transformer.wte.weight``): once AutoTP has replaced ``lm_head`` by its own (sharded)
+    parameter, that parameter is read from the input embedding's tensor."""
+    config = getattr(module, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return {}
+    inputs, outputs = module.get_input_embeddings(), module.get_output_embeddings()
+    if inputs is None or outputs is None:
+        return {}
+    by_id = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    source = by_id.get(id(inputs.weight))
+    out_name = next((n for n, p in params.items() if p is getattr(outputs, "weight", None)), None)
+    if source is None or source not in entries or out_name is None or out_name in entries:
+        return {}
+    return {out_name: entries[source]}
 
 
 def _shard_offsets(local_sizes: list[int], *, rank: int, tp_size: int) -> list[int]:

@@ -50,10 +50,6 @@ class ModelRunner:
         self.extras = extras
         self.tok = ByteTokenizer()
         self.dtype = DTYPES[info.dtype]
-        core: Any = model.model  # the decoder stack of a *ForCausalLM
-        self.layers: list[torch.nn.Module] = list(core.layers)
-        self.norm: Any = core.norm
-        self.lm_head: Any = model.lm_head
         self.decoder: Decoder | None = None
         self.device = next(model.parameters()).device
         #: Bytes of checkpoint this rank read (its shard plus the replicated tensors).
@@ -65,6 +61,7 @@ class ModelRunner:
         import deepspeed
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        model_store.check_tp(name, model_dir, tp_size)
         config = AutoConfig.from_pretrained(model_dir)
         # Built on the meta device: AutoTP gives each layer its local shape, then only this
         # rank's rows or columns are read from the checkpoint (model_store.load_shard).
@@ -81,8 +78,10 @@ class ModelRunner:
         rank = int(os.environ.get("RANK", "0"))
         weight_bytes = model_store.load_shard(module, model_dir, rank=rank, tp_size=tp_size)
         # Buffers are not in the checkpoint: rebuild the rotary tables for real.
-        rotary = module.model.rotary_emb
-        module.model.rotary_emb = type(rotary)(config=config, device=model_store.rank_device())
+        core = module.base_model
+        if hasattr(core, "rotary_emb"):
+            rotary = core.rotary_emb
+            core.rotary_emb = type(rotary)(config=config, device=model_store.rank_device())
         for mname, buf in module.named_buffers():
             if buf.is_meta:
                 raise RuntimeError(f"buffer {mname} was left on the meta device")
@@ -119,11 +118,10 @@ class ModelRunner:
         """This rank's share of the attention heads (AutoTP gives each rank a contiguous run)."""
         import torch.distributed as dist
 
-        attn: Any = self.layers[0].self_attn
-        head_dim = self.info.head_dim
-        mine = int(attn.q_proj.weight.shape[0]) // head_dim
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return Heads(0, mine, mine)
+            return Heads(0, self.info.num_heads, self.info.num_heads)
+        attn: Any = self.model.base_model.layers[0].self_attn  # Llama (see check_tp)
+        mine = int(attn.q_proj.weight.shape[0]) // self.info.head_dim
         counts = [
             torch.zeros(1, dtype=torch.int64, device=model_store.rank_device())
             for _ in range(dist.get_world_size())
@@ -154,7 +152,8 @@ class ModelRunner:
             raise TensorError(
                 f"inputs have shape {list(x.shape)}; need [batch, tokens, {self.info.hidden_size}]"
             )
-        hidden = self.model.model(inputs_embeds=x.to(self.device, self.dtype)).last_hidden_state
+        core = self.model.base_model  # the decoder stack of the *ForCausalLM
+        hidden = core(inputs_embeds=x.to(self.device, self.dtype)).last_hidden_state
         hidden = hidden.float()
         pooled = hidden.mean(dim=1) if body["pooling"] == "mean" else hidden[:, -1]
         result: dict[str, Any] = {
