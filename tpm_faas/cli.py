@@ -487,7 +487,7 @@ def _duration(_ctx: Any, _param: Any, value: str) -> float:
     default="7d",
     show_default=True,
     callback=_duration,
-    help="Delete results last written longer ago than this (7d, 12h, 30m).",
+    help="Delete results last written longer ago than this (7d, 12h, 30m; at least 10m).",
 )
 @click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
 def results_prune(older_than: float, dry_run: bool) -> None:
@@ -501,7 +501,10 @@ def results_prune(older_than: float, dry_run: bool) -> None:
     from tpm_faas.gateway.results import prune
 
     where = Settings.from_env().results_dir
-    p = prune(where, older_than, now=time.time(), dry_run=dry_run)
+    try:
+        p = prune(where, older_than, now=time.time(), dry_run=dry_run)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--older-than") from None
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{where}: {verb} {p.files} files ({p.bytes / 1e6:.1f} MB); kept {p.kept}")
 

@@ -12,7 +12,7 @@ import binascii
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from tpm_faas.errors import TensorError
 
@@ -168,6 +168,19 @@ class ResultTensor(Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+def _table_kind(v: object) -> str:
+    """Which kind a ``tensors`` entry is, so a bad one is reported against that kind only."""
+    if isinstance(v, dict):
+        return "result" if "result" in v else "inline"
+    return "result" if isinstance(v, ResultTensor) else "inline"
+
+
+#: An entry of a request's ``tensors`` table: the values, or an earlier result's tensor.
+TableTensor = Annotated[
+    Annotated[TensorPayload, Tag("inline")] | Annotated[ResultTensor, Tag("result")],
+    Discriminator(_table_kind),
+]
+
 Index = Annotated[int, Field(ge=-65536, le=65536)]
 LayerSelector = list[Annotated[int, Field(ge=0, le=65536)]] | Range | Literal["*"]
 PositionSelector = list[Index] | Range | None
@@ -267,9 +280,7 @@ class InterveneRequest(_ModeRequest):
     """
 
     prompts: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=64)
-    tensors: dict[TensorName, TensorPayload | ResultTensor] = Field(
-        default_factory=dict, max_length=64
-    )
+    tensors: dict[TensorName, TableTensor] = Field(default_factory=dict, max_length=64)
     ops: list[InterventionOp] = Field(min_length=1, max_length=64)
     max_new_tokens: int = Field(default=0, ge=0, le=32768)
     temperature: float = Field(default=0.0, ge=0.0, le=10.0)

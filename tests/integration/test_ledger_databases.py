@@ -101,7 +101,7 @@ def _busy(url: str, worker: int, n: int, start: Any) -> int:
     """One identity's requests, each worker charging its own project, none finishing."""
     lg = Ledger(url)
     lg.balance(f"proj{worker}")  # connected before the race starts
-    start.wait()
+    start.wait(timeout=60)  # a worker that failed early breaks the barrier, never hangs it
     won = 0
     for k in range(n):
         try:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from tpm_faas.cli import main
 from tpm_faas.client import Result, decode_array, encode_array, load_results_file
 from tpm_faas.errors import LimitExceeded, RequestError
-from tpm_faas.gateway.results import offload, payloads, read_tensor, resolve
+from tpm_faas.gateway.results import offload, payloads, read_tensors, resolve
 from tpm_faas.schemas import ResultTensor, TensorPayload, json_schema
 from tpm_faas.sites import ModelShape, all_sites, parse_site, site_table
 
@@ -121,15 +121,24 @@ def _offloaded(tmp_path: Path, request_id: str = "req-9", owner: str = "alice") 
 def test_an_earlier_result_is_read_back_by_reference_for_its_owner(tmp_path: Path) -> None:
     r = _offloaded(tmp_path)
     ref = ResultTensor(**r.saved_ref("embed", prompt=0))
-    got = read_tensor(tmp_path, ref, frozenset({"alice"}), max_bytes=1 << 20)
-    assert got.dtype == "float32" and got.shape == [100, 64]
-    np.testing.assert_array_equal(decode_array(got.model_dump()), r.saved["embed"])
-    # in a request's tensors table, next to an inline tensor, within one byte budget
+    ref1 = ResultTensor(**r.saved_ref("embed", prompt=1))
+    got = read_tensors(tmp_path, ref.result, ref.sha256, [ref.key], frozenset({"alice"}), 1 << 20)
+    assert got[ref.key].dtype == "float32" and got[ref.key].shape == [100, 64]
+    np.testing.assert_array_equal(decode_array(got[ref.key].model_dump()), r.saved["embed"])
+    # in a request's tensors table, next to an inline tensor, within one byte budget; two
+    # tensors of one file (one of them named twice) are read in one pass
     inline = TensorPayload(**encode_array(np.ones(64)))
-    table = resolve({"a": ref, "b": inline}, tmp_path, frozenset({"x", "alice"}), 100 * 64 * 4)
-    assert table["a"] == got and table["b"] is inline
-    with pytest.raises(LimitExceeded, match="limit is 25599"):
-        resolve({"a": ref}, tmp_path, frozenset({"alice"}), 100 * 64 * 4 - 1)
+    budget = 101 * 64 * 4
+    table = resolve(
+        {"a": ref, "b": inline, "c": ref1, "d": ref}, tmp_path, frozenset({"x", "alice"}), budget
+    )
+    assert table["a"] == table["d"] == got[ref.key] and table["b"] is inline
+    np.testing.assert_array_equal(decode_array(table["c"].model_dump()), r.saved_for(1)["embed"])
+    with pytest.raises(LimitExceeded, match=r"come to 25856 bytes; the limit left .* 25855"):
+        resolve({"a": ref, "c": ref1}, tmp_path, frozenset({"alice"}), budget - 1)
+    many = {f"t{k}": ref.model_copy(update={"result": f"r{k}"}) for k in range(5)}
+    with pytest.raises(LimitExceeded, match="names 5 earlier results; at most 4"):
+        resolve(many, tmp_path, frozenset({"alice"}), budget)
 
 
 def test_result_references_are_refused_clearly(tmp_path: Path) -> None:
@@ -137,37 +146,59 @@ def test_result_references_are_refused_clearly(tmp_path: Path) -> None:
     ref = ResultTensor(**r.saved_ref("embed"))
     owners = frozenset({"alice"})
 
-    def code(ref: ResultTensor, who: frozenset[str] = owners) -> str:
+    def refused(ref: ResultTensor, who: frozenset[str] = owners, sha: str = "") -> RequestError:
         with pytest.raises(RequestError) as info:
-            read_tensor(tmp_path, ref, who, max_bytes=1 << 20)
+            read_tensors(tmp_path, ref.result, sha or ref.sha256, [ref.key], who, 1 << 20)
         assert info.value.message.startswith("tensors:"), info.value.message
-        return info.value.code
+        return info.value
 
     # someone else's result and a missing one get the same answer
-    assert code(ref, frozenset({"mallory"})) == code(ref, frozenset()) == "unknown_result"
-    assert code(ref.model_copy(update={"result": "nope"})) == "unknown_result"
-    assert code(ref.model_copy(update={"key": "results.0.saved.x"})) == "bad_tensor"
-    assert code(ref.model_copy(update={"sha256": "0" * 64})) == "bad_tensor"
-    # a file without an owner (or a link to one) is nobody's
+    assert refused(ref, frozenset({"mallory"})).code == "unknown_result"
+    assert refused(ref, frozenset()).code == "unknown_result"
+    assert refused(ref.model_copy(update={"result": "nope"})).code == "unknown_result"
+    assert "no tensor 'results.0.saved.x'" in str(
+        refused(ref.model_copy(update={"key": "results.0.saved.x"}))
+    )
+    assert refused(ref, sha="0" * 64).code == "bad_tensor"
+    # a file without an owner, a link, a FIFO (would block a plain open) or a directory is
+    # nobody's
     _offloaded(tmp_path, "req-10", owner="")
-    assert code(ref.model_copy(update={"result": "req-10"}), frozenset({""})) == "unknown_result"
+    assert refused(ref.model_copy(update={"result": "req-10"}), frozenset({""})).code == (
+        "unknown_result"
+    )
     (tmp_path / "req-11.safetensors").symlink_to(tmp_path / "req-9.safetensors")
-    assert code(ref.model_copy(update={"result": "req-11"})) == "unknown_result"
-    os.mkfifo(tmp_path / "req-12.safetensors")  # would block a plain open()
-    assert code(ref.model_copy(update={"result": "req-12"})) == "unknown_result"
-    # corrupt headers and entries never reach an allocation
+    os.mkfifo(tmp_path / "req-12.safetensors")
+    (tmp_path / "req-13.safetensors").mkdir()
+    for rid in ("req-11", "req-12", "req-13"):
+        assert refused(ref.model_copy(update={"result": rid})).code == "unknown_result"
+    # corrupt files never reach an allocation: each is checked with its own (matching) hash,
+    # so what refuses it is the check named, not the hash
     path = tmp_path / "req-9.safetensors"
     good = path.read_bytes()
     n = int.from_bytes(good[:8], "little")
-    for broken in (
-        good[:5],
-        (1 << 40).to_bytes(8, "little") + good[8:],
-        good[:8] + b"[" + good[9:],
-        good[:8] + good[8 : 8 + n].replace(b'"F32"', b'"I64"') + good[8 + n :],
-        good[: 8 + n + 16],
-    ):
+    head = json.loads(good[8 : 8 + n])
+    key = ref.key
+
+    def with_header(h: dict[str, object]) -> bytes:
+        text = json.dumps(h).encode()
+        return len(text).to_bytes(8, "little") + text + good[8 + n :]
+
+    cases = [
+        (good[:5], "unknown_result", "no result"),
+        ((1 << 40).to_bytes(8, "little") + good[8:], "unknown_result", "no result"),
+        (good[:8] + b"[" * n, "unknown_result", "no result"),  # not JSON
+        ((10**5).to_bytes(8, "little") + b"[" * 10**5 + good, "unknown_result", "no result"),
+        (with_header({**head, "__metadata__": {"owner": ["alice"]}}), "unknown_result", ""),
+        (with_header({**head, key: {**head[key], "dtype": "I64"}}), "bad_tensor", "not a float32"),
+        (with_header({**head, key: {**head[key], "shape": [True, 64]}}), "bad_tensor", "float32"),
+        (good[: 8 + n + 16], "bad_tensor", "does not fit its file"),
+    ]
+    for broken, want, words in cases:
         path.write_bytes(broken)
-        assert code(ref) == "bad_tensor"
+        err = refused(ref, sha=hashlib.sha256(broken).hexdigest())
+        assert (err.code, words in err.message) == (want, True), (err, broken[:40])
+    path.write_bytes(good)
+    assert read_tensors(tmp_path, ref.result, ref.sha256, [key], owners, 1 << 20)[key].nbytes
     with pytest.raises(ValueError, match="inline"):
         Result("r", "intervene", _output(2), {}, {}, raw={}).saved_ref("embed")
     with pytest.raises(KeyError, match="saved: embed"):
@@ -201,3 +232,5 @@ def test_results_prune_removes_only_old_results(
     bad = run(main, ["results", "prune", "--older-than", "soon"])
     assert bad.exit_code == 2 and "not a duration" in bad.output
     assert run(main, ["results", "prune", "--older-than", "-1d"]).exit_code == 2
+    young = run(main, ["results", "prune", "--older-than", "0"])  # may still be in use
+    assert young.exit_code == 2 and "never pruned" in young.output

@@ -32,6 +32,10 @@ PAYLOAD_KEYS = frozenset({"dtype", "shape", "data"})
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._:-]")
 #: A results file's JSON header is small (one entry per saved tensor); refuse anything huge.
 _MAX_HEADER = 16 * 1024 * 1024
+#: :func:`prune` never deletes results younger than this.
+PRUNE_FLOOR_S = 600.0
+#: At most this many earlier results may be read for one request (each is hashed whole).
+MAX_RESULT_FILES = 4
 
 
 def payloads(obj: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
@@ -100,64 +104,100 @@ def file_name(request_id: str) -> str:
     return _SAFE_NAME.sub("_", request_id) + ".safetensors"
 
 
-def read_tensor(
-    results_dir: Path, ref: ResultTensor, identities: frozenset[str], max_bytes: int
-) -> TensorPayload:
-    """One tensor of an earlier by-reference result, for a later request of its owner.
+def read_tensors(
+    results_dir: Path,
+    result: str,
+    sha256: str,
+    keys: list[str],
+    identities: frozenset[str],
+    max_bytes: int,
+) -> dict[str, TensorPayload]:
+    """Tensors ``keys`` of an earlier by-reference result, for a later request of its owner.
 
-    The file is opened once (no symlinks) and everything is read from that descriptor: the
-    header is parsed as JSON (never unpickled), the owner recorded at :func:`offload` must be
-    one of ``identities``, the tensor's declared size is checked against ``max_bytes`` and the
-    file's bounds before anything is read, and the whole file must hash to ``ref.sha256``.
+    The file is opened once (no symlinks, regular files only) and read in one pass from that
+    descriptor, hashing every byte and keeping the wanted ranges, so the values returned are
+    exactly the bytes that hash to ``sha256``. Before that pass: the header is parsed as JSON
+    (never unpickled), the owner recorded at :func:`offload` must be one of ``identities``,
+    and each tensor's declared size is checked against the file and, together, against
+    ``max_bytes``.
 
-    :raises UnknownResult: no such result here, or not the caller's (the same answer for both)
-    :raises TensorError: no such key, a hash mismatch, a file that is not a results file
-    :raises LimitExceeded: a tensor larger than ``max_bytes``
+    :raises UnknownResult: no such result here, not the caller's, or a file whose owner cannot
+        be read (the same answer for all three)
+    :raises TensorError: no such key, a tensor that is not float32 or not inside its file, a
+        hash mismatch
+    :raises LimitExceeded: tensors larger than ``max_bytes`` together
     """
     missing = UnknownResult(
-        f"tensors: no result {ref.result!r} of yours in this site's results directory "
+        f"tensors: no result {result!r} of yours in this site's results directory "
         "(only results that came back by reference, on the site that served them)"
     )
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK  # a FIFO must not block the worker
     try:
-        fd = os.open(results_dir / file_name(ref.result), flags)
+        fd = os.open(results_dir / file_name(result), flags)
     except OSError:
         raise missing from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise missing
-        size = st.st_size
-        header, data_start = _header(f, size, ref.result)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        try:
+            header, data_start = _header(f, st.st_size)
+        except (OSError, ValueError, RecursionError):
+            raise missing from None  # whose it is cannot be read: as good as not there
         meta = header.pop("__metadata__", None)
         owner = meta.get("owner") if isinstance(meta, dict) else None
-        if not owner or owner not in identities:
+        if not isinstance(owner, str) or not owner or owner not in identities:
             raise missing
-        entry = header.get(ref.key)
-        if not isinstance(entry, dict):
-            keys = sorted(header)
-            shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-            raise TensorError(f"tensors: result {ref.result!r} has no tensor {ref.key!r} ({shown})")
-        shape, start, nbytes = _entry(entry, ref, data_start, size)
-        if nbytes > min(max_bytes, MAX_TENSOR_BYTES):
+        spans: dict[str, tuple[list[int], int, int]] = {}
+        for key in keys:
+            entry = header.get(key)
+            if not isinstance(entry, dict):
+                names = sorted(header)
+                shown = ", ".join(names[:8]) + (
+                    f" and {len(names) - 8} more" if len(names) > 8 else ""
+                )
+                raise TensorError(f"tensors: result {result!r} has no tensor {key!r} ({shown})")
+            spans[key] = _entry(entry, key, result, data_start, st.st_size)
+        for key, (_, _, n) in spans.items():
+            if n > MAX_TENSOR_BYTES:
+                raise LimitExceeded(
+                    f"tensors: {key!r} of result {result!r} is {n} bytes; no tensor may be over "
+                    f"{MAX_TENSOR_BYTES}"
+                )
+        total = sum(n for _, _, n in spans.values())
+        if total > max_bytes:
             raise LimitExceeded(
-                f"tensors: {ref.key!r} of result {ref.result!r} is {nbytes} bytes; the limit "
-                f"is {min(max_bytes, MAX_TENSOR_BYTES)}"
+                f"tensors: {', '.join(map(repr, spans))} of result {result!r} come to {total} "
+                f"bytes; the limit left for this request's tensors is {max_bytes}"
             )
-        f.seek(0)
+        bufs = {key: bytearray(n) for key, (_, _, n) in spans.items()}
         digest = hashlib.sha256()
+        f.seek(0)
+        pos = 0
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-        if digest.hexdigest() != ref.sha256:
-            raise TensorError(
-                f"tensors: result {ref.result!r} has sha256 {digest.hexdigest()}, not the "
-                f"{ref.sha256} you asked for"
-            )
-        f.seek(start)
-        data = f.read(nbytes)
-    if len(data) != nbytes:
-        raise TensorError(f"tensors: result {ref.result!r} is truncated")
-    return TensorPayload.from_bytes(data, "float32", shape)
+            end = pos + len(block)
+            for key, (_, start, n) in spans.items():
+                lo, hi = max(start, pos), min(start + n, end)
+                if lo < hi:
+                    bufs[key][lo - start : hi - start] = block[lo - pos : hi - pos]
+            pos = end
+    if digest.hexdigest() != sha256:
+        raise TensorError(
+            f"tensors: result {result!r} has sha256 {digest.hexdigest()}, not the {sha256} "
+            "you asked for"
+        )
+    if pos != st.st_size:
+        raise TensorError(f"tensors: result {result!r} changed while it was read")
+    return {
+        key: TensorPayload.from_bytes(bytes(bufs[key]), "float32", shape)
+        for key, (shape, _, _) in spans.items()
+    }
 
 
 def resolve(
@@ -168,24 +208,47 @@ def resolve(
 ) -> dict[str, TensorPayload]:
     """``tensors`` with every :class:`ResultTensor` replaced by its values.
 
-    Together the read tensors may not exceed ``max_bytes`` (the policy's input-bytes limit);
-    each read is bounded by what is left of it.
+    References to the same file are read in one pass; at most :data:`MAX_RESULT_FILES`
+    files per request. Together the read tensors may not exceed ``max_bytes`` (the policy's
+    input-bytes limit).
     """
-    out: dict[str, TensorPayload] = {}
-    left = max_bytes
-    for name, t in tensors.items():
+    files: dict[tuple[str, str], list[str]] = {}
+    for t in tensors.values():
         if isinstance(t, ResultTensor):
-            t = read_tensor(results_dir, t, identities, left)
-            left -= t.nbytes
-        out[name] = t
-    return out
+            wanted = files.setdefault((t.result, t.sha256), [])
+            if t.key not in wanted:
+                wanted.append(t.key)
+    if len(files) > MAX_RESULT_FILES:
+        raise LimitExceeded(
+            f"tensors: the request names {len(files)} earlier results; at most "
+            f"{MAX_RESULT_FILES} may be read for one request"
+        )
+    read: dict[tuple[str, str, str], TensorPayload] = {}
+    left = max_bytes
+    for (result, sha256), keys in files.items():
+        got = read_tensors(results_dir, result, sha256, keys, identities, left)
+        left -= sum(t.nbytes for t in got.values())
+        read.update({(result, sha256, k): t for k, t in got.items()})
+    return {
+        name: read[(t.result, t.sha256, t.key)] if isinstance(t, ResultTensor) else t
+        for name, t in tensors.items()
+    }
 
 
 def prune(results_dir: Path, older_than_s: float, *, now: float, dry_run: bool = False) -> Pruned:
     """Delete results files (and unfinished temporary files) last written more than
     ``older_than_s`` seconds before ``now``. Results are kept only for their owners to fetch
     and to reuse by reference; a site prunes them on a schedule (``tpm-faas results prune``).
-    Files are matched by name; nothing else in the directory is touched."""
+    Files are matched by name; nothing else in the directory is touched.
+
+    :raises ValueError: ``older_than_s`` under :data:`PRUNE_FLOOR_S` (a result that young may
+        still be being written, or read by a request that names it)
+    """
+    if not older_than_s >= PRUNE_FLOOR_S:
+        raise ValueError(
+            f"results younger than {PRUNE_FLOOR_S / 60:.0f} minutes are never pruned (they may "
+            "still be being written or read)"
+        )
     pruned = Pruned()
     if not results_dir.is_dir():
         return pruned
@@ -222,26 +285,25 @@ class Pruned:
     kept: int = 0
 
 
-def _header(f: BinaryIO, size: int, result: str) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and where its data starts."""
-    bad = TensorError(f"tensors: the results file of {result!r} is not a valid safetensors file")
+def _header(f: BinaryIO, size: int) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and where its data starts.
+
+    :raises ValueError: not a safetensors header
+    """
     head = f.read(8)
     if len(head) != 8:
-        raise bad
+        raise ValueError("shorter than a header")
     n = int.from_bytes(head, "little")
     if n > min(size - 8, _MAX_HEADER):
-        raise bad
-    try:
-        header = json.loads(f.read(n))
-    except (ValueError, UnicodeDecodeError):
-        raise bad from None
+        raise ValueError(f"header of {n} bytes")
+    header = json.loads(f.read(n))
     if not isinstance(header, dict):
-        raise bad
+        raise ValueError("header is not a JSON object")
     return header, 8 + n
 
 
 def _entry(
-    entry: dict[str, Any], ref: ResultTensor, data_start: int, size: int
+    entry: dict[str, Any], key: str, result: str, data_start: int, size: int
 ) -> tuple[list[int], int, int]:
     """Shape, absolute start and length of a header entry, checked against the file."""
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
@@ -249,18 +311,18 @@ def _entry(
         entry.get("dtype") == "F32"
         and isinstance(shape, list)
         and 1 <= len(shape) <= 4
-        and all(isinstance(d, int) and 1 <= d <= 1 << 24 for d in shape)
+        and all(type(d) is int and 1 <= d <= 1 << 24 for d in shape)
         and isinstance(offsets, list)
         and len(offsets) == 2
-        and all(isinstance(o, int) and o >= 0 for o in offsets)
+        and all(type(o) is int and o >= 0 for o in offsets)
     )
     if not ok:
-        raise TensorError(f"tensors: {ref.key!r} of result {ref.result!r} is not a float32 tensor")
+        raise TensorError(f"tensors: {key!r} of result {result!r} is not a float32 tensor")
     assert isinstance(shape, list) and isinstance(offsets, list)
     nbytes = math.prod(shape) * 4
     start = data_start + offsets[0]
     if offsets[1] - offsets[0] != nbytes or start + nbytes > size:
-        raise TensorError(f"tensors: {ref.key!r} of result {ref.result!r} does not fit its file")
+        raise TensorError(f"tensors: {key!r} of result {result!r} does not fit its file")
     return shape, start, nbytes
 
 
