@@ -88,6 +88,7 @@ def test_large_results_go_by_reference_and_load_back(tmp_path: Path) -> None:
     ref = out["tensors_ref"]
     assert written == ref["bytes"] > 100 * 64 * 4
     assert ref["name"] == "req_.._2.safetensors" and (tmp_path / ref["name"]).is_file()
+    assert (tmp_path / ref["name"]).stat().st_mode & 0o777 == 0o600  # its writer's alone
     assert hashlib.sha256((tmp_path / ref["name"]).read_bytes()).hexdigest() == ref["sha256"]
     assert payloads(out) == []  # no inline data left
     r = Result("req", "intervene", out, {}, {}, raw={})

@@ -83,6 +83,9 @@ def offload(
     path = results_dir / name
     tmp = results_dir / f".{name}.tmp"
     save_file(arrays, str(tmp), metadata={"request_id": request_id, "owner": owner})
+    # Only its writer may read it: on a multi-user endpoint that is the caller's mapped local
+    # account, and the results directory is shared (see docs/interventions.md).
+    os.chmod(tmp, 0o600)
     digest = _sha256(tmp)
     os.replace(tmp, path)
     for key, p in found:
