@@ -507,6 +507,11 @@ def results_prune(older_than: float, dry_run: bool) -> None:
         raise click.BadParameter(str(e), param_hint="--older-than") from None
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{where}: {verb} {p.files} files ({p.bytes / 1e6:.1f} MB); kept {p.kept}")
+    if p.skipped:
+        click.echo(
+            f"  {p.skipped} old files belong to other accounts and were not deleted; run this "
+            "as root or as the directory's owner"
+        )
 
 
 # -- Globus Auth -----------------------------------------------------------------------------

@@ -189,10 +189,20 @@ def test_result_references_are_refused_clearly(tmp_path: Path) -> None:
         ((1 << 40).to_bytes(8, "little") + good[8:], "unknown_result", "no result"),
         (good[:8] + b"[" * n, "unknown_result", "no result"),  # not JSON
         ((10**5).to_bytes(8, "little") + b"[" * 10**5 + good, "unknown_result", "no result"),
-        (with_header({**head, "__metadata__": {"owner": ["alice"]}}), "unknown_result", ""),
+        (
+            with_header({**head, "__metadata__": {"owner": ["alice"]}}),
+            "unknown_result",
+            "no result",
+        ),
+        (with_header({**head, key: [1, 2]}), "bad_tensor", "has no tensor"),
         (with_header({**head, key: {**head[key], "dtype": "I64"}}), "bad_tensor", "not a float32"),
         (with_header({**head, key: {**head[key], "shape": [True, 64]}}), "bad_tensor", "float32"),
         (good[: 8 + n + 16], "bad_tensor", "does not fit its file"),
+        (
+            with_header({**head, key: {**head[key], "data_offsets": [10**9, 10**9 + 25600]}}),
+            "bad_tensor",
+            "does not fit its file",
+        ),
     ]
     for broken, want, words in cases:
         path.write_bytes(broken)

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -69,7 +70,7 @@ def offload(
     if inline <= limit:
         return 0
     import numpy as np
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     arrays = {}
     for key, p in found:
@@ -81,13 +82,19 @@ def offload(
     results_dir.mkdir(parents=True, exist_ok=True)
     name = file_name(request_id)
     path = results_dir / name
-    tmp = results_dir / f".{name}.tmp"
-    save_file(arrays, str(tmp), metadata={"request_id": request_id, "owner": owner})
-    # Only its writer may read it: on a multi-user endpoint that is the caller's mapped local
-    # account, and the results directory is shared (see docs/interventions.md).
-    os.chmod(tmp, 0o600)
-    digest = _sha256(tmp)
-    os.replace(tmp, path)
+    data = save(arrays, metadata={"request_id": request_id, "owner": owner})
+    # Created 0600 (mkstemp): only its writer may ever read it. On a multi-user endpoint that
+    # is the caller's mapped local account, and the results directory is shared.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=results_dir)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    digest = hashlib.sha256(data).hexdigest()
     for key, p in found:
         del p["data"]
         p["key"] = key
@@ -160,7 +167,7 @@ def read_tensors(
         for key in keys:
             entry = header.get(key)
             if not isinstance(entry, dict):
-                names = sorted(header)
+                names = sorted(k for k, v in header.items() if isinstance(v, dict))
                 shown = ", ".join(names[:8]) + (
                     f" and {len(names) - 8} more" if len(names) > 8 else ""
                 )
@@ -180,16 +187,19 @@ def read_tensors(
             )
         bufs = {key: bytearray(n) for key, (_, _, n) in spans.items()}
         digest = hashlib.sha256()
-        f.seek(0)
         pos = 0
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-            end = pos + len(block)
-            for key, (_, start, n) in spans.items():
-                lo, hi = max(start, pos), min(start + n, end)
-                if lo < hi:
-                    bufs[key][lo - start : hi - start] = block[lo - pos : hi - pos]
-            pos = end
+        try:
+            f.seek(0)
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+                end = pos + len(block)
+                for key, (_, start, n) in spans.items():
+                    lo, hi = max(start, pos), min(start + n, end)
+                    if lo < hi:
+                        bufs[key][lo - start : hi - start] = block[lo - pos : hi - pos]
+                pos = end
+        except OSError as e:
+            raise TensorError(f"tensors: result {result!r} could not be read: {e}") from None
     if digest.hexdigest() != sha256:
         raise TensorError(
             f"tensors: result {result!r} has sha256 {digest.hexdigest()}, not the {sha256} "
@@ -257,8 +267,8 @@ def prune(results_dir: Path, older_than_s: float, *, now: float, dry_run: bool =
         return pruned
     for path in sorted(results_dir.iterdir()):
         name = path.name
-        ours = name.endswith(".safetensors") or (
-            name.startswith(".") and name.endswith(".safetensors.tmp")
+        ours = name.endswith(".safetensors") or (  # or an unfinished one (see offload)
+            name.startswith(".") and ".safetensors." in name and name.endswith(".tmp")
         )
         try:
             st = path.lstat()
@@ -274,6 +284,9 @@ def prune(results_dir: Path, older_than_s: float, *, now: float, dry_run: bool =
                 path.unlink()
             except FileNotFoundError:
                 continue
+            except PermissionError:  # another account's, in a sticky directory
+                pruned.skipped += 1
+                continue
         pruned.files += 1
         pruned.bytes += st.st_size
     return pruned
@@ -286,6 +299,8 @@ class Pruned:
     files: int = 0
     bytes: int = 0
     kept: int = 0
+    #: Old files this process may not delete (run it as root or the directory's owner).
+    skipped: int = 0
 
 
 def _header(f: BinaryIO, size: int) -> tuple[dict[str, Any], int]:
@@ -327,11 +342,3 @@ def _entry(
     if offsets[1] - offsets[0] != nbytes or start + nbytes > size:
         raise TensorError(f"tensors: {key!r} of result {result!r} does not fit its file")
     return shape, start, nbytes
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
