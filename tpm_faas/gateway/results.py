@@ -62,7 +62,7 @@ def offload(
     """Move ``output``'s tensors to a file when they exceed ``limit`` bytes (in place).
 
     ``owner`` (the caller's identity) is recorded in the file's metadata: only its owner may
-    use the file's tensors in a later request (see :func:`read_tensor`). Returns the bytes
+    use the file's tensors in a later request (see :func:`read_tensors`). Returns the bytes
     written (0 when everything stays inline).
     """
     found = payloads(output)
