@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from _models import random_gpt2
 
 from tpm_faas.client import decode_array, encode_array
 from tpm_faas.config import Settings
@@ -33,17 +33,7 @@ PROMPTS = ["And God said, Let there be", "In the beginning"]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_layer=3,
-        n_embd=64,
-        n_head=4,
-        vocab_size=264,
-        n_positions=128,
-        bos_token_id=256,
-        eos_token_id=257,
-    )
-    model = GPT2LMHeadModel(cfg).eval()
+    model = random_gpt2()
     version = root / "gpt2-random" / "1"
     model.save_pretrained(version, safe_serialization=True)
     home = tmp_path_factory.mktemp("home")

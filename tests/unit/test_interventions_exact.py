@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _models import random_gpt2
 from _reference import hooked, normalise, reference_generate, reference_values, run
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM
 
 from tpm_faas.client import decode_array, encode_array
 from tpm_faas.config import BUNDLED_MODELS
@@ -32,23 +33,9 @@ def _demo() -> Any:
     ).eval()
 
 
-def _gpt2() -> Any:
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_layer=3,
-        n_embd=64,
-        n_head=4,
-        vocab_size=264,
-        n_positions=128,
-        bos_token_id=256,
-        eos_token_id=257,
-    )
-    return GPT2LMHeadModel(cfg).eval()
-
-
 @pytest.fixture(scope="module", params=["llama-demo", "gpt2-random"])
 def model(request: pytest.FixtureRequest) -> Any:
-    return _demo() if request.param == "llama-demo" else _gpt2()
+    return _demo() if request.param == "llama-demo" else random_gpt2()
 
 
 def _decoder(model: Any) -> Decoder:
