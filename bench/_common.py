@@ -8,7 +8,7 @@ import platform
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,37 @@ def record(benchmark: str, **fields: Any) -> dict[str, Any]:
     return {
         "benchmark": benchmark,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": f"CPU: {platform.machine()}, {os.cpu_count()} cores",
-        "versions": {"python": platform.python_version(), **{d: version(d) for d in DISTS}},
+        "device": device(),
+        "versions": {"python": platform.python_version(), **versions()},
         **fields,
     }
+
+
+def versions() -> dict[str, str]:
+    """Versions of :data:`DISTS` installed here (a GPU machine may lack some: skipped)."""
+    out = {}
+    for d in DISTS:
+        try:
+            out[d] = version(d)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def device() -> str:
+    """The CPU, and the CUDA device when there is one."""
+    cpu = f"CPU: {platform.machine()}, {os.cpu_count()} cores"
+    try:
+        import torch
+    except ImportError:
+        return cpu
+    if not torch.cuda.is_available():
+        return cpu
+    props = torch.cuda.get_device_properties(0)
+    return (
+        f"{cpu}; GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+    )
 
 
 def write(result: dict[str, Any], out: Path) -> None:

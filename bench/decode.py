@@ -11,16 +11,15 @@ parameters) and dtype, on this machine's CPU:
 Figures are generated tokens per second (prefill included, as a user sees it), best of
 ``--repeats``. Ratios: ours b1 / HF b1 (target >= 1.0) and 8 concurrent / one by one (target
 >= 2). Prints a table and writes JSON (``--out``). GPU rows need a CUDA device and are skipped
-here otherwise.
+here otherwise; ``--gpu-only`` runs just them (``bench/gpu.sh``).
 
-    python bench/decode.py [--tokens 64] [--repeats 3] [--out bench/out/decode.json]
+    python bench/decode.py [--tokens 64] [--repeats 3] [--gpu-only] [--out bench/out/decode.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -149,10 +148,10 @@ def gpu_rows(tokens: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def run(tokens: int, repeats: int) -> dict[str, Any]:
+def run(tokens: int, repeats: int, gpu_only: bool = False) -> dict[str, Any]:
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
-    cases = [
+    cases = [] if gpu_only else [
         ("demo-tpm@1 (3.1M)", demo_model, torch.float32),
         ("demo-tpm@1 (3.1M)", demo_model, torch.bfloat16),
         ("random Llama (38M)", random_llama, torch.float32),
@@ -166,8 +165,7 @@ def run(tokens: int, repeats: int) -> dict[str, Any]:
         print(f"  measured {name} {row['dtype']}", flush=True)
     return record(
         "decode",
-        device=f"CPU: {platform.machine()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads",
+        torch_threads=torch.get_num_threads(),
         gpu=gpu_rows(tokens, repeats) if torch.cuda.is_available() else "skipped: no CUDA device",
         tokens=tokens,
         repeats=repeats,
@@ -208,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("bench/out/decode.json"))
+    p.add_argument("--gpu-only", action="store_true", help="skip the CPU rows (bench/gpu.sh)")
     a = p.parse_args(argv)
-    result = run(a.tokens, a.repeats)
+    result = run(a.tokens, a.repeats, a.gpu_only)
     print(table(result))
     write(result, a.out)
     return 0

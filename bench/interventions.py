@@ -15,14 +15,13 @@ Overhead = time with / time without - 1. Targets (GPU): <= 2 % each. On CPU ther
 overlap and no graph to capture, so the CPU rows measure the cost of the tensor ops themselves.
 GPU rows (Llama-3-8B shape, bf16, prefill 2048) need a CUDA device and are skipped otherwise.
 
-    python bench/interventions.py [--repeats 5] [--out bench/out/interventions.json]
+    python bench/interventions.py [--repeats 5] [--gpu-only] [--out bench/out/interventions.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -229,9 +228,21 @@ def gpu_rows(repeats: int) -> list[dict[str, Any]]:
     ]
 
 
-def run(repeats: int) -> dict[str, Any]:
+def run(repeats: int, gpu_only: bool = False) -> dict[str, Any]:
     torch.set_num_threads(os.cpu_count() or 1)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    if not gpu_only:
+        cpu_rows(rows, repeats)
+    return record(
+        "interventions",
+        torch_threads=torch.get_num_threads(),
+        gpu=gpu_rows(repeats) if torch.cuda.is_available() else "skipped: no CUDA device",
+        repeats=repeats,
+        rows=rows,
+    )
+
+
+def cpu_rows(rows: list[dict[str, Any]], repeats: int) -> None:
     demo = AutoModelForCausalLM.from_pretrained(
         BUNDLED_MODELS / "demo-tpm" / "1", dtype=torch.float32
     ).eval()
@@ -257,14 +268,6 @@ def run(repeats: int) -> dict[str, Any]:
             }
         )
         print(f"  measured {name}", flush=True)
-    return record(
-        "interventions",
-        device=f"CPU: {platform.machine()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads",
-        gpu=gpu_rows(repeats) if torch.cuda.is_available() else "skipped: no CUDA device",
-        repeats=repeats,
-        rows=rows,
-    )
 
 
 def table(result: dict[str, Any]) -> str:
@@ -296,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("bench/out/interventions.json"))
+    p.add_argument("--gpu-only", action="store_true", help="skip the CPU rows (bench/gpu.sh)")
     a = p.parse_args(argv)
-    result = run(a.repeats)
+    result = run(a.repeats, a.gpu_only)
     print(table(result))
     write(result, a.out)
     return 0

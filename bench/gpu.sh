@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The project's one GPU script: the CUDA tests and the GPU rows of the benchmarks, in one go.
+#
+# Run it on a machine with one CUDA device (the GPU a session may be lent has Python 3.12 and
+# CUDA torch but no package registry; the wheels it lacks travel in .whl/, see
+# docs/benchmarks.md). Figures go to bench/RESULTS.md by hand, with the device and date.
+#
+#   bash bench/gpu.sh [OUT_DIR]        (default bench/out)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-bench/out}}
+mkdir -p "$out"
+
+if [[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/tpm-faas-site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/tpm-faas-site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=9.0  # DeepSpeed's parser rejects 9.0a
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu-device.txt"
+python3 -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)' \
+  | tee -a "$out/gpu-device.txt"
+
+status=0
+# The gpu-marked tests (only the modules that hold some, without the integration conftest,
+# which starts an embedded site this script does not need).
+mapfile -t files < <(grep -rl "mark.gpu" tests --include='test_*.py')
+python3 -m pytest -q -m gpu --noconftest -p no:cacheprovider "${files[@]}" 2>&1 \
+  | tee "$out/gpu-tests.log" || status=1
+python3 bench/decode.py --gpu-only --out "$out/decode-gpu.json" 2>&1 | tee "$out/decode-gpu.log" \
+  || status=1
+python3 bench/interventions.py --gpu-only --out "$out/interventions-gpu.json" 2>&1 \
+  | tee "$out/interventions-gpu.log" || status=1
+exit $status
