@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The project's one GPU script: the CUDA tests and the GPU rows of the benchmarks, in one go.
 #
-# Run it on a machine with one CUDA device (the GPU a session may be lent has Python 3.12 and
-# CUDA torch but no package registry; the wheels it lacks travel in .whl/, see
-# docs/benchmarks.md). Figures go to bench/RESULTS.md by hand, with the device and date.
+# Run it on a machine with one CUDA device. A GPU machine with CUDA torch but no package
+# registry gets the pure-Python dependencies the tests import as wheels in .whl/ (git-ignored),
+# downloaded beforehand where pip works:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     pydantic pydantic-core annotated-types typing-inspection SQLAlchemy pyzmq typing-extensions
+# (the versions of the project's own environment). Figures go to bench/RESULTS.md by hand,
+# with the device and date.
 #
 #   bash bench/gpu.sh [OUT_DIR]        (default bench/out)
 set -uo pipefail
