@@ -233,7 +233,7 @@ def sites(model: str, as_json: bool) -> None:
 @click.argument("mode", type=click.Choice(["query", "embed", "intervene"]), default="intervene")
 def schema(mode: str) -> None:
     """Print the JSON Schema of MODE's requests (docs/schemas/ holds the published copies)."""
-    from tpm_faas.schemas import json_schema
+    from tpm_faas.protocol.requests import json_schema
 
     click.echo(json_schema(mode), nl=False)
 
@@ -248,7 +248,7 @@ def policy() -> None:
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 def policy_check(file: Path) -> None:
     """Validate FILE; errors name the path of the bad key."""
-    from tpm_faas.gateway.policy import Policy
+    from tpm_faas.policy import Policy
 
     p = Policy.load(file)
     d = p.data
@@ -293,7 +293,7 @@ def policy_explain(
     import json
 
     from tpm_faas.gateway.ledger import to_su
-    from tpm_faas.gateway.policy import Caller, Policy
+    from tpm_faas.policy import Caller, Policy
 
     p = Policy.load(file)
     body = json.loads(request_file.read_text()) if request_file else None
@@ -323,7 +323,7 @@ def policy_explain(
     click.echo("  limits: " + ", ".join(f"{k}={v}" for k, v in lim.items() if v is not None))
     if body is not None:
         from tpm_faas.config import Settings
-        from tpm_faas.gateway import parse
+        from tpm_faas.gateway.pipeline import parse
         from tpm_faas.modes import MODES
         from tpm_faas.runtime.model_store import model_info, resolve
 
@@ -343,7 +343,7 @@ def policy_explain(
 @policy.command("schema")
 def policy_schema() -> None:
     """Print the JSON Schema of policy files (policies/schema.json)."""
-    from tpm_faas.gateway.policy import json_schema
+    from tpm_faas.policy import json_schema
 
     click.echo(json_schema(), nl=False)
 
@@ -685,7 +685,7 @@ def endpoint_render(
     from tpm_faas.compute.templates import render
 
     if policy_file is not None:
-        from tpm_faas.gateway.policy import Policy
+        from tpm_faas.policy import Policy
 
         p = Policy.load(policy_file)
         click.echo(f"{policy_file}: valid policy (sha256 {p.sha256[:16]}...)", err=True)

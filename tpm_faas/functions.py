@@ -9,15 +9,15 @@ as JSON only.
 
 
 def query(request_json: str, token: str | None = None) -> str:
-    """Generate text for prompt(s). See :class:`tpm_faas.schemas.QueryRequest`."""
-    from tpm_faas.gateway import handle
+    """Generate text for prompt(s). See :class:`tpm_faas.protocol.requests.QueryRequest`."""
+    from tpm_faas.gateway.pipeline import handle
 
     return handle("query", request_json, token)
 
 
 def embed(request_json: str, token: str | None = None) -> str:
-    """Run custom inputs through the frozen core. See :class:`tpm_faas.schemas.EmbedRequest`."""
-    from tpm_faas.gateway import handle
+    """Run custom inputs through the frozen core. See :class:`tpm_faas.protocol.requests.EmbedRequest`."""
+    from tpm_faas.gateway.pipeline import handle
 
     return handle("embed", request_json, token)
 
@@ -25,9 +25,9 @@ def embed(request_json: str, token: str | None = None) -> str:
 def intervene(request_json: str, token: str | None = None) -> str:
     """Read and write hidden states at hook sites.
 
-    See :class:`tpm_faas.schemas.InterveneRequest`.
+    See :class:`tpm_faas.protocol.requests.InterveneRequest`.
     """
-    from tpm_faas.gateway import handle
+    from tpm_faas.gateway.pipeline import handle
 
     return handle("intervene", request_json, token)
 

@@ -68,9 +68,9 @@ def _reference(model: Any, prompt: str, steps: int) -> tuple[list[torch.Tensor],
 
 
 def test_sites_and_greedy_tokens_equal_transformers(served: dict[str, Any]) -> None:
-    from tpm_faas.gateway.policy import Limits
+    from tpm_faas.policy import Limits
     from tpm_faas.modes import MODES
-    from tpm_faas.schemas import InterveneRequest
+    from tpm_faas.protocol.requests import InterveneRequest
 
     info = model_info(NAME, served["dir"])
     assert info.architecture == "gpt2" and info.num_heads == 4

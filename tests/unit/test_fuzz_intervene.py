@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tpm_faas.errors import TPMError
-from tpm_faas.gateway import Gateway, parse
+from tpm_faas.gateway.pipeline import Gateway, parse
 from tpm_faas.modes import MODES
-from tpm_faas.schemas import InterveneRequest
+from tpm_faas.protocol.requests import InterveneRequest
 from tpm_faas.sites import BLOCK_SITES, GLOBAL_SITES
 
 INFO = DEMO_INFO
@@ -160,7 +160,7 @@ def _check_error(e: TPMError) -> None:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests())
 def test_validator_never_crashes(raw: dict[str, Any]) -> None:
-    from tpm_faas.gateway.policy import Limits
+    from tpm_faas.policy import Limits
 
     limits = Limits(
         allowed_ops=["save", "set", "add", "ablate", "patch", "scale_heads", "logit_lens"],

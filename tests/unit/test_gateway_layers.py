@@ -14,7 +14,7 @@ from _gateway import dead_shard_gateway
 
 from tpm_faas.config import SOURCE_POLICIES
 from tpm_faas.errors import TPMError
-from tpm_faas.gateway import Gateway
+from tpm_faas.gateway.pipeline import Gateway
 
 
 @pytest.fixture

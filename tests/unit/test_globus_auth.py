@@ -232,7 +232,7 @@ def test_auth_setup_creates_only_the_missing_scopes() -> None:
 def test_globus_groups_are_looked_up_for_the_policy() -> None:
     from globus_sdk.testing import load_response
 
-    from tpm_faas.gateway.policy import Caller, Policy
+    from tpm_faas.policy import Caller, Policy
 
     register(introspection())
     dep = load_response("auth.oauth2_get_dependent_tokens", case="groups")

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from tpm_faas.errors import MalformedRequest, RequestError, TensorError
-from tpm_faas.gateway import parse, request_hash
-from tpm_faas.schemas import EmbedRequest, InterveneRequest, QueryRequest
+from tpm_faas.gateway.pipeline import parse, request_hash
+from tpm_faas.protocol.requests import EmbedRequest, InterveneRequest, QueryRequest
 
 
 def _tensor(

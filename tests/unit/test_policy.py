@@ -8,7 +8,7 @@ import pytest
 
 from tpm_faas.config import SOURCE_POLICIES
 from tpm_faas.errors import ConfigError, LimitExceeded, PolicyDenied
-from tpm_faas.gateway.policy import Policy, Usage, check_limit
+from tpm_faas.policy import Policy, Usage, check_limit
 
 LOCAL = SOURCE_POLICIES / "local-dev.yaml"
 
@@ -92,7 +92,7 @@ groups:
 
 
 def test_match_by_globus_group_and_by_project_membership() -> None:
-    from tpm_faas.gateway.policy import Caller
+    from tpm_faas.policy import Caller
 
     p = Policy.parse(GROUPS_POLICY)
     assert (
@@ -122,7 +122,7 @@ def test_example_policies_are_valid(name: str) -> None:
 
 
 def test_published_schema_is_current() -> None:
-    from tpm_faas.gateway.policy import json_schema
+    from tpm_faas.policy import json_schema
 
     assert (SOURCE_POLICIES / "schema.json").read_text() == json_schema()
 
@@ -130,7 +130,7 @@ def test_published_schema_is_current() -> None:
 def test_reload_swaps_atomically_and_keeps_the_old_policy_if_invalid(tmp_path: Path) -> None:
     import os
 
-    from tpm_faas.gateway.policy import PolicyStore
+    from tpm_faas.policy import PolicyStore
 
     f = tmp_path / "p.yaml"
     f.write_text(LOCAL.read_text())

@@ -8,7 +8,7 @@ import pytest
 
 from tpm_faas.errors import RateLimited
 from tpm_faas.gateway.ledger import Ledger
-from tpm_faas.gateway.policy import Limits
+from tpm_faas.policy import Limits
 from tpm_faas.gateway.ratelimit import RateLimiter
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from tpm_faas.errors import RateLimited
-from tpm_faas.gateway.policy import Limits
+from tpm_faas.policy import Limits
 
 metadata = sa.MetaData()
 buckets = sa.Table(

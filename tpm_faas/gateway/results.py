@@ -7,7 +7,7 @@ result gains a ``tensors_ref`` naming the file, its size and its sha256. The cli
 file transparently (``tpm_faas.client``), after checking the hash.
 
 The file records its owner. A later ``intervene`` request of the same caller may name one of
-its tensors (:class:`~tpm_faas.schemas.ResultTensor`: request id, key, sha256) instead of
+its tensors (:class:`~tpm_faas.protocol.requests.ResultTensor`: request id, key, sha256) instead of
 sending the values again; the gateway reads it here (:func:`resolve`) before admission.
 """
 
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tpm_faas.errors import LimitExceeded, TensorError, UnknownResult
-from tpm_faas.schemas import MAX_TENSOR_BYTES, ResultTensor, TensorPayload
+from tpm_faas.protocol.requests import MAX_TENSOR_BYTES, ResultTensor, TensorPayload
 
-#: Keys of a tensor payload (see :class:`tpm_faas.schemas.TensorPayload`).
+#: Keys of a tensor payload (see :class:`tpm_faas.protocol.requests.TensorPayload`).
 PAYLOAD_KEYS = frozenset({"dtype", "shape", "data"})
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._:-]")
 #: A results file's JSON header is small (one entry per saved tensor); refuse anything huge.

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from tpm_faas.errors import LimitExceeded, RequestError
-from tpm_faas.gateway.policy import Limits, Usage, check_limit
+from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.registry import ModelInfo
 from tpm_faas.tokenizer import ByteTokenizer
 

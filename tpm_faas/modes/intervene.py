@@ -14,11 +14,11 @@ import math
 from typing import Any
 
 from tpm_faas.errors import PolicyDenied, RequestError, TensorError
-from tpm_faas.gateway.policy import Limits, Usage, check_limit
+from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.modes.base import Admission, Mode, check_context, tokenizer_for
 from tpm_faas.modes.query import BYTES_PER_TOKEN
 from tpm_faas.registry import ModelInfo
-from tpm_faas.schemas import (
+from tpm_faas.protocol.requests import (
     WRITE_OPS,
     AblateOp,
     AddOp,

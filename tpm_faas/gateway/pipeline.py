@@ -1,0 +1,292 @@
+"""The gateway pipeline every mode function runs: parse → auth → policy → hold → shard → post.
+
+The only entry point is :func:`handle`. It never raises: the caller gets a JSON document,
+either a result (with usage and a receipt) or an error record with a code. Nothing is
+charged for a request that fails: its hold is voided, or never made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from pydantic import ValidationError
+
+from tpm_faas.config import Settings
+from tpm_faas.errors import ConfigError, MalformedRequest, RequestError, TPMError
+from tpm_faas.gateway import results
+from tpm_faas.gateway.auth import (
+    Authenticator,
+    GlobusIntrospector,
+    Introspector,
+    LocalIntrospector,
+    Principal,
+)
+from tpm_faas.gateway.ledger import Ledger, to_su
+from tpm_faas.policy import Caller, Limits, Policy, PolicyStore, Usage
+from tpm_faas.gateway.ratelimit import RateLimiter
+from tpm_faas.registry import Registry
+from tpm_faas.protocol.requests import ResultTensor
+from tpm_faas.shard_client import ShardClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Gateway:
+    """The site services one worker uses, built once per process from :class:`Settings`."""
+
+    settings: Settings
+    authenticator: Authenticator
+    policies: PolicyStore
+    ledger: Ledger
+    registry: Registry
+    limiter: RateLimiter
+
+    @property
+    def policy(self) -> Policy:
+        """The site policy now (reloaded when its file changes)."""
+        return self.policies.current()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Gateway:
+        introspector: Introspector
+        if settings.auth_backend == "local":
+            if settings.dev_tokens_path is None:
+                raise ConfigError("local auth needs TPM_FAAS_DEV_TOKENS")
+            introspector = LocalIntrospector(settings.dev_tokens_path)
+        elif settings.auth_backend == "globus":
+            if not settings.client_secret:
+                raise ConfigError("globus auth needs TPM_FAAS_CLIENT_SECRET")
+            introspector = GlobusIntrospector(
+                settings.client_id, settings.client_secret, groups=settings.globus_groups
+            )
+        else:
+            raise ConfigError(f"unknown TPM_FAAS_AUTH {settings.auth_backend!r} (local | globus)")
+        policies = PolicyStore(settings.policy_path)  # a bad policy fails before the ledger opens
+        ledger = Ledger(settings.ledger_url)
+        return cls(
+            settings=settings,
+            authenticator=Authenticator(
+                introspector, settings.client_id, mapped_identity=settings.mapped_identity
+            ),
+            policies=policies,
+            ledger=ledger,
+            registry=Registry(settings.registry_dir),
+            limiter=RateLimiter(ledger.engine),
+        )
+
+    def handle(self, mode_name: str, request_json: str, token: str | None) -> dict[str, Any]:
+        """Run one request through the pipeline; return the result or raise :class:`TPMError`."""
+        from tpm_faas.modes import MODES
+
+        mode = MODES[mode_name]
+        started = time.time()
+        request = parse(mode.request_model, request_json)
+        request_id = request.request_id or os.environ.get("GC_TASK_UUID") or str(uuid.uuid4())
+        try:
+            return self._admit_and_run(mode, request, request_id, token, started)
+        except TPMError as e:
+            e.request_id = request_id
+            raise
+
+    def _admit_and_run(
+        self, mode: Any, request: Any, request_id: str, token: str | None, started: float
+    ) -> dict[str, Any]:
+        principal = self.authenticator.require(token, mode.name)
+        group = self.registry.lookup(request.model)
+        policy = self.policy  # one policy for the whole request, even across a reload
+        caller = Caller(
+            principal.identity, principal.username, principal.identity_set, principal.groups
+        )
+        decision = policy.decide(caller, mode=mode.name, model=request.model)
+        limits = decision.limits
+        admission = mode.admit(self._with_results(request, principal, limits), group.model, limits)
+        held = decision.price_micro(admission.worst)
+        worst_tokens = admission.worst.input_tokens + admission.worst.output_tokens
+        reservation = self.limiter.admit(decision.group, principal.identity, limits, worst_tokens)
+        used_tokens = 0
+        try:
+            self.ledger.hold(
+                request_id,
+                decision.project,
+                held,
+                ttl_s=policy.data.hold_ttl_s,
+                mode=mode.name,
+                identity=principal.identity,
+                max_open=limits.max_concurrent,
+            )
+        except BaseException:  # refused by the ledger (funds, concurrency, duplicate)
+            _quietly(self.limiter.settle, reservation, 0, refused=True)
+            raise
+        try:
+            shard = ShardClient(group.address, timeout_s=self.settings.shard_timeout_s)
+            output = shard.call(admission.shard_op, admission.body, request_id=request_id)
+            # Serving figures (queue wait, time to first token, decode rate) go with the usage.
+            timing = output.pop("timing", None)
+            used = mode.usage(request, admission, output)
+            used = Usage(
+                used.input_tokens,
+                used.output_tokens,
+                self._bytes_out(output, request_id, principal.identity),
+                used.hooked_sites,
+            )
+            used_tokens = used.input_tokens + used.output_tokens
+            charged = self.ledger.post(request_id, decision.price_micro(used))
+        except BaseException:
+            _quietly(self.ledger.void, request_id)  # the original error is what the caller gets
+            raise
+        finally:
+            # Bookkeeping after the charge must not lose a charged result (or hide an error).
+            _quietly(self.limiter.settle, reservation, used_tokens)
+        return {
+            "ok": True,
+            "request_id": request_id,
+            "mode": mode.name,
+            "model": request.model,
+            "output": output,
+            "usage": {
+                **asdict(used),
+                "su": to_su(charged),
+                "su_held": to_su(held),
+                "project": decision.project,
+                "seconds": round(time.time() - started, 4),
+                **({"timing": timing} if timing else {}),
+            },
+            "receipt": {
+                "request_id": request_id,
+                "model": request.model,
+                "checkpoint_sha256": group.model.checkpoint_sha256,
+                "request_sha256": request_hash(request),
+                "seed": getattr(request, "seed", None),
+                **(
+                    {"intervention_sha256": _sha256_json(admission.body["ops"])}
+                    if mode.name == "intervene"
+                    else {}
+                ),
+                "dtype": group.model.dtype,
+                "tp_size": group.tp_size,
+                "policy_sha256": decision.policy_sha256,
+                "versions": {**gateway_versions(), **group.versions},
+                "issued_at": time.time(),
+            },
+        }
+
+    def _with_results(self, request: Any, principal: Principal, limits: Limits) -> Any:
+        """``request`` with tensors named from the caller's earlier results read in (intervene's
+        ``tensors`` table); the request itself (and its hash in the receipt) keeps the refs,
+        whose sha256 pins the values."""
+        tensors = getattr(request, "tensors", None)
+        if not tensors or not any(isinstance(t, ResultTensor) for t in tensors.values()):
+            return request
+        owners = principal.identity_set | {principal.identity}
+        read = results.resolve(tensors, self.settings.results_dir, owners, limits.max_input_bytes)
+        return request.model_copy(update={"tensors": read})
+
+    def _bytes_out(self, output: dict[str, Any], request_id: str, owner: str) -> int:
+        """Bytes the caller gets: tensors counted raw (inline or in a results file), plus the
+        rest of the JSON. Large tensors go to a file here (see :mod:`.results`), owned by
+        ``owner``."""
+        s = self.settings
+        in_file = results.offload(
+            output, request_id, s.results_dir, s.inline_limit_bytes, owner=owner
+        )
+        found = results.payloads(output)
+        inline_b64 = sum(len(p.get("data", "")) for _, p in found)
+        text = len(json.dumps(output, separators=(",", ":")))
+        return text - inline_b64 + 3 * inline_b64 // 4 + in_file
+
+
+def _quietly(fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Run a clean-up step; log, never raise (an expired hold is voided later anyway)."""
+    try:
+        fn(*args, **kwargs)
+    except Exception:
+        log.exception("clean-up step %s failed", getattr(fn, "__name__", fn))
+
+
+def parse(model: type[Any], request_json: str) -> Any:
+    """Parse and validate a request; errors name the offending field."""
+    if not isinstance(request_json, str):
+        raise MalformedRequest(
+            f"the request must be a JSON string, not {type(request_json).__name__}"
+        )
+    try:
+        raw = json.loads(request_json)
+    except ValueError as e:
+        raise MalformedRequest(f"the request is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise MalformedRequest("the request must be a JSON object")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        for err in e.errors():
+            inner = (err.get("ctx") or {}).get("error")
+            if isinstance(inner, TPMError):
+                raise type(inner)(f"{_loc(err['loc'])}: {inner.message}") from None
+        detail = "; ".join(f"{_loc(err['loc'])}: {err['msg']}" for err in e.errors())
+        raise RequestError(f"invalid {model.__name__}: {detail}") from None
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    # pydantic names validator steps ("function-after[...]") and union members ("add"): keep
+    # the path a user wrote.
+    return ".".join(str(p) for p in loc if "[" not in str(p)) or "request"
+
+
+def _sha256_json(obj: Any) -> str:
+    canon = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def request_hash(request: Any) -> str:
+    """sha256 of the canonical JSON of a parsed request (without its request id)."""
+    canon = json.dumps(
+        request.model_dump(exclude={"request_id"}), sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def gateway_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("tpm-faas", "globus-compute-endpoint", "globus-sdk", "pydantic"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[dist] = version(dist)
+    return out
+
+
+@lru_cache(maxsize=4)
+def _gateway_for(env_key: tuple[tuple[str, str], ...]) -> Gateway:
+    return Gateway.from_settings(Settings.from_env(dict(env_key)))
+
+
+def handle(mode_name: str, request_json: str, token: str | None) -> str:
+    """Run one request and return JSON; never raises (errors become error records)."""
+    try:
+        env = tuple(
+            sorted(
+                (k, v) for k, v in os.environ.items() if k.startswith("TPM_FAAS_") or k == "HOME"
+            )
+        )
+        reply = _gateway_for(env).handle(mode_name, request_json, token)
+    except TPMError as e:
+        log.info("request refused: %s", e)
+        reply = {"ok": False, "error": e.to_record()}
+    except Exception as e:  # an unexpected failure: report it without a traceback
+        log.exception("request failed")
+        reply = {
+            "ok": False,
+            "error": TPMError(f"internal error: {type(e).__name__}: {e}").to_record(),
+        }
+    return json.dumps(reply, separators=(",", ":"))
