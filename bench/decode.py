@@ -151,11 +151,15 @@ def gpu_rows(tokens: int, repeats: int) -> list[dict[str, Any]]:
 def run(tokens: int, repeats: int, gpu_only: bool = False) -> dict[str, Any]:
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
-    cases = [] if gpu_only else [
-        ("demo-tpm@1 (3.1M)", demo_model, torch.float32),
-        ("demo-tpm@1 (3.1M)", demo_model, torch.bfloat16),
-        ("random Llama (38M)", random_llama, torch.float32),
-    ]
+    cases = (
+        []
+        if gpu_only
+        else [
+            ("demo-tpm@1 (3.1M)", demo_model, torch.float32),
+            ("demo-tpm@1 (3.1M)", demo_model, torch.bfloat16),
+            ("random Llama (38M)", random_llama, torch.float32),
+        ]
+    )
     for name, make, dtype in cases:
         model = make(dtype)
         params = sum(p.numel() for p in model.parameters())

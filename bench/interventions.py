@@ -30,12 +30,12 @@ from _common import best, llama3_8b, random_llama, record, write
 from transformers import AutoModelForCausalLM
 
 from tpm_faas.config import BUNDLED_MODELS
-from tpm_faas.policy import Limits
 from tpm_faas.modes import MODES
+from tpm_faas.policy import Limits
+from tpm_faas.protocol.requests import InterveneRequest
 from tpm_faas.registry import ModelInfo
 from tpm_faas.runtime.decoder import Decoder
 from tpm_faas.runtime.scheduler import Scheduler
-from tpm_faas.protocol.requests import InterveneRequest
 from tpm_faas.tokenizer import ByteTokenizer
 
 TEXT = (BUNDLED_MODELS.parent / "corpus" / "kjv-genesis.txt").read_text()

@@ -16,7 +16,10 @@ def query(request_json: str, token: str | None = None) -> str:
 
 
 def embed(request_json: str, token: str | None = None) -> str:
-    """Run custom inputs through the frozen core. See :class:`tpm_faas.protocol.requests.EmbedRequest`."""
+    """Run custom inputs through the frozen core.
+
+    See :class:`tpm_faas.protocol.requests.EmbedRequest`.
+    """
     from tpm_faas.gateway.pipeline import handle
 
     return handle("embed", request_json, token)

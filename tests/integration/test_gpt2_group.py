@@ -68,8 +68,8 @@ def _reference(model: Any, prompt: str, steps: int) -> tuple[list[torch.Tensor],
 
 
 def test_sites_and_greedy_tokens_equal_transformers(served: dict[str, Any]) -> None:
-    from tpm_faas.policy import Limits
     from tpm_faas.modes import MODES
+    from tpm_faas.policy import Limits
     from tpm_faas.protocol.requests import InterveneRequest
 
     info = model_info(NAME, served["dir"])

@@ -61,10 +61,10 @@ def test_greedy_text_identical(site: EmbeddedSite, tp2: ShardClient) -> None:
 
 def _spec(site: EmbeddedSite, request: dict[str, Any]) -> dict[str, Any]:
     """A request normalised and priced as the gateway does (generous limits)."""
-    from tpm_faas.policy import Limits
     from tpm_faas.modes import MODES
-    from tpm_faas.registry import Registry
+    from tpm_faas.policy import Limits
     from tpm_faas.protocol.requests import WRITE_OPS, InterveneRequest
+    from tpm_faas.registry import Registry
 
     info = Registry(site.settings.registry_dir).lookup("demo-tpm@1").model
     limits = Limits(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from tpm_faas.config import SOURCE_POLICIES, Settings
 from tpm_faas.embedded import DEV_USERS, write_dev_tokens
-from tpm_faas.gateway.pipeline import Gateway
 from tpm_faas.gateway.ledger import Ledger
+from tpm_faas.gateway.pipeline import Gateway
 from tpm_faas.registry import GroupEntry, ModelInfo, Registry
 
 DEMO_INFO = ModelInfo(

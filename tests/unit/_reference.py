@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from tpm_faas.policy import Limits
 from tpm_faas.modes import MODES
+from tpm_faas.policy import Limits
+from tpm_faas.protocol.requests import WRITE_OPS, InterveneRequest
 from tpm_faas.registry import ModelInfo
 from tpm_faas.runtime.decoder import Decoder
 from tpm_faas.runtime.scheduler import Scheduler
-from tpm_faas.protocol.requests import WRITE_OPS, InterveneRequest
 
 Edit = Callable[[torch.Tensor], torch.Tensor]  # [t, *shape] -> [t, *shape], one sequence
 

@@ -7,11 +7,11 @@ import base64
 import pytest
 
 from tpm_faas.errors import LimitExceeded, PolicyDenied, RequestError, TensorError
-from tpm_faas.policy import Limits
 from tpm_faas.modes import MODES
 from tpm_faas.modes.query import BYTES_PER_TOKEN
-from tpm_faas.registry import ModelInfo
+from tpm_faas.policy import Limits
 from tpm_faas.protocol.requests import EmbedRequest, InterveneRequest, QueryRequest
+from tpm_faas.registry import ModelInfo
 
 INFO = ModelInfo(
     name="m@1",

@@ -8,8 +8,8 @@ import pytest
 
 from tpm_faas.errors import RateLimited
 from tpm_faas.gateway.ledger import Ledger
-from tpm_faas.policy import Limits
 from tpm_faas.gateway.ratelimit import RateLimiter
+from tpm_faas.policy import Limits
 
 
 class Clock:

@@ -33,10 +33,10 @@ from tpm_faas.gateway.auth import (
     Principal,
 )
 from tpm_faas.gateway.ledger import Ledger, to_su
-from tpm_faas.policy import Caller, Limits, Policy, PolicyStore, Usage
 from tpm_faas.gateway.ratelimit import RateLimiter
-from tpm_faas.registry import Registry
+from tpm_faas.policy import Caller, Limits, Policy, PolicyStore, Usage
 from tpm_faas.protocol.requests import ResultTensor
+from tpm_faas.registry import Registry
 from tpm_faas.shard_client import ShardClient
 
 log = logging.getLogger(__name__)

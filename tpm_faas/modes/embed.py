@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from tpm_faas.errors import RequestError, TensorError
-from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.modes.base import Admission, Mode, check_context, check_output_bytes
-from tpm_faas.registry import ModelInfo
+from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.protocol.requests import EmbedRequest
+from tpm_faas.registry import ModelInfo
 
 
 class EmbedMode(Mode):

@@ -14,10 +14,9 @@ import math
 from typing import Any
 
 from tpm_faas.errors import PolicyDenied, RequestError, TensorError
-from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.modes.base import Admission, Mode, check_context, tokenizer_for
 from tpm_faas.modes.query import BYTES_PER_TOKEN
-from tpm_faas.registry import ModelInfo
+from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.protocol.requests import (
     WRITE_OPS,
     AblateOp,
@@ -33,6 +32,7 @@ from tpm_faas.protocol.requests import (
     TensorPayload,
     TensorRef,
 )
+from tpm_faas.registry import ModelInfo
 from tpm_faas.sites import BLOCK_SITES, ModelShape, Site, parse_site
 
 #: Worst-case bytes of one logit-lens entry (token text, id and probability in JSON).

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.modes.base import Admission, Mode, check_context, count_tokens
-from tpm_faas.registry import ModelInfo
+from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.protocol.requests import QueryRequest
+from tpm_faas.registry import ModelInfo
 
 #: Worst-case bytes of one generated token in a result (text, id, log-prob and JSON).
 BYTES_PER_TOKEN = 64
