@@ -31,12 +31,12 @@ import numpy as np
 from _common import record, write
 
 from tpm_faas.client import TPMClient, encode_array
-from tpm_faas.embedded import EmbeddedSite
 from tpm_faas.gateway.pipeline import parse
 from tpm_faas.modes import MODES
 from tpm_faas.policy import Policy
 from tpm_faas.registry import Registry
 from tpm_faas.shard_client import ShardClient
+from tpm_faas.testing.embedded import EmbeddedSite
 
 PROMPT = "And God said, Let there be"
 

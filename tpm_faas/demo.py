@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from tpm_faas.client import Result
-from tpm_faas.embedded import DEV_USERS, EmbeddedSite
 from tpm_faas.gateway.ledger import to_su
+from tpm_faas.testing.embedded import DEV_USERS, EmbeddedSite
 
 PROMPT = "And God said, Let there be"
 STEER_FROM = "the land of Egypt, and Pharaoh king of Egypt"

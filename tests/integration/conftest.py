@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tpm_faas.embedded import EmbeddedSite
+from tpm_faas.testing.embedded import EmbeddedSite
 
 
 @pytest.fixture(scope="session", autouse=True)

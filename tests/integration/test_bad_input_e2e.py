@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from tpm_faas.client import parse_reply
-from tpm_faas.embedded import EmbeddedSite
 from tpm_faas.errors import RemoteError
+from tpm_faas.testing.embedded import EmbeddedSite
 
 pytestmark = pytest.mark.integration
 

@@ -21,10 +21,10 @@ from click.testing import CliRunner
 
 from tpm_faas.cli import main
 from tpm_faas.client import TPMClient
-from tpm_faas.compute.loopback import LoopbackComputeService
 from tpm_faas.compute.sdk import ExecutorTransport, Manifest, compute_client
-from tpm_faas.embedded import EmbeddedSite
 from tpm_faas.errors import RemoteError
+from tpm_faas.testing.embedded import EmbeddedSite
+from tpm_faas.testing.loopback import LoopbackComputeService
 
 pytestmark = pytest.mark.integration
 

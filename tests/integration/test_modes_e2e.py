@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tpm_faas.embedded import EmbeddedSite
 from tpm_faas.errors import RemoteError
+from tpm_faas.testing.embedded import EmbeddedSite
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ import pytest
 
 from tpm_faas.client import decode_array, encode_array
 from tpm_faas.config import Settings
-from tpm_faas.embedded import EmbeddedSite
 from tpm_faas.launcher import ShardGroup
 from tpm_faas.shard_client import ShardClient
+from tpm_faas.testing.embedded import EmbeddedSite
 
 pytestmark = pytest.mark.integration
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from tpm_faas.config import SOURCE_POLICIES, Settings
-from tpm_faas.embedded import DEV_USERS, write_dev_tokens
 from tpm_faas.gateway.ledger import Ledger
 from tpm_faas.gateway.pipeline import Gateway
 from tpm_faas.registry import GroupEntry, ModelInfo, Registry
+from tpm_faas.testing.embedded import DEV_USERS, write_dev_tokens
 
 DEMO_INFO = ModelInfo(
     name="demo-tpm@1",

@@ -9,7 +9,7 @@
   (the endpoints admit nothing else).
 
 ``local_services=True`` points the SDK at the loopback stand-in
-(:mod:`tpm_faas.compute.loopback`, ``http://localhost:5000``, no Globus Auth).
+(:mod:`tpm_faas.testing.loopback`, ``http://localhost:5000``, no Globus Auth).
 """
 
 from __future__ import annotations
