@@ -76,7 +76,7 @@ def random_llama(dtype: Any, positions: int = 512) -> Any:
     import torch
     from transformers import LlamaForCausalLM
 
-    from tpm_faas.runtime.demo_model import byte_llama_config
+    from tpm_faas.runtime.arch import byte_llama_config
 
     cfg = byte_llama_config(
         hidden_size=768,

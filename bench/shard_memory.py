@@ -26,7 +26,7 @@ def make_model(root: Path) -> int:
     import torch
     from transformers import LlamaForCausalLM
 
-    from tpm_faas.runtime.demo_model import byte_llama_config
+    from tpm_faas.runtime.arch import byte_llama_config
 
     cfg = byte_llama_config(
         hidden_size=1024,

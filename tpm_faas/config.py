@@ -4,7 +4,9 @@ Precedence: an explicit argument to :meth:`Settings.from_env` > a ``TPM_FAAS_*``
 variable > the default below. Nothing here is read at import time.
 
 - ``TPM_FAAS_HOME``: state directory (registry, ledger, results); ``~/.tpm_faas``
-- ``TPM_FAAS_POLICY``: the site policy YAML; ``policies/local-dev.yaml`` of the source tree
+- ``TPM_FAAS_POLICY``: the site policy YAML; a bare name of a bundled policy (``byo.yaml``,
+  ``local-dev.yaml``, ``provider-site.yaml``) that is not a file in the working directory means
+  the one shipped in the package (:data:`POLICIES`); the bundled ``local-dev.yaml``
 - ``TPM_FAAS_AUTH``: ``local`` (dev tokens file) or ``globus``; ``local``
 - ``TPM_FAAS_DEV_TOKENS``: dev tokens file for ``local`` auth; ``$TPM_FAAS_HOME/dev-tokens.yaml``
 - ``TPM_FAAS_CLIENT_ID``: the TPM resource server's Globus Auth client id; ``local-dev``
@@ -25,11 +27,45 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
+
+def package_data(*parts: str) -> Path:
+    """A file or directory shipped in the package under ``tpm_faas/data/``.
+
+    Found through :mod:`importlib.resources`, so it is the installed wheel's copy (or the
+    source tree's, in an editable install). The package must be installed as files (not
+    zipped): ranks, endpoints and Parsl workers are handed these paths.
+    """
+    res = files("tpm_faas").joinpath("data", *parts)
+    if not isinstance(res, Path):  # a zipped install: nothing to hand to another process
+        raise RuntimeError(f"tpm_faas is not installed as files; cannot locate data {res}")
+    return res
+
+
 PACKAGE_DIR = Path(__file__).resolve().parent
-BUNDLED_MODELS = PACKAGE_DIR / "data" / "models"
-SOURCE_POLICIES = PACKAGE_DIR.parent / "policies"
+#: The models shipped with the package (``demo-tpm@1``).
+BUNDLED_MODELS = package_data("models")
+#: The default site policies and their JSON Schema.
+POLICIES = package_data("policies")
+#: The Globus Compute endpoint templates.
+ENDPOINT_TEMPLATES = package_data("endpoint_templates")
+#: Former name of :data:`POLICIES` (policies used to live outside the package).
+SOURCE_POLICIES = POLICIES
+
+
+def resolve_policy(value: str | os.PathLike[str]) -> Path:
+    """The policy file ``value`` names: a path, or the bare name of a bundled policy.
+
+    A bare name (``byo.yaml``) that is not a file in the working directory is looked up in
+    :data:`POLICIES`, so an endpoint template can default to a bundled policy wherever the
+    package is installed.
+    """
+    path = Path(value)
+    if path.parent == Path(".") and not path.exists() and (POLICIES / path.name).is_file():
+        return POLICIES / path.name
+    return path
 
 
 @dataclass(frozen=True)
@@ -67,7 +103,7 @@ class Settings:
         roots = e.get("TPM_FAAS_MODELS")
         values: dict[str, object] = {
             "home": home,
-            "policy_path": Path(e.get("TPM_FAAS_POLICY") or SOURCE_POLICIES / "local-dev.yaml"),
+            "policy_path": resolve_policy(e.get("TPM_FAAS_POLICY") or POLICIES / "local-dev.yaml"),
             "auth_backend": e.get("TPM_FAAS_AUTH", "local"),
             "dev_tokens_path": Path(e.get("TPM_FAAS_DEV_TOKENS") or home / "dev-tokens.yaml"),
             "client_id": e.get("TPM_FAAS_CLIENT_ID", "local-dev"),

@@ -3,25 +3,31 @@
 Every error a user can see carries a stable ``code`` (a short snake_case string that
 clients and tests match on) and, for the CLI, an ``exit_code``::
 
-    TPMError                                  code            exit
-    ├── RequestError(TPMError, ValueError)      bad_request       2
-    │   ├── MalformedRequest                    malformed_json
-    │   ├── UnknownModel                        unknown_model
-    │   ├── LimitExceeded                       limit_exceeded
-    │   └── TensorError                         bad_tensor
-    ├── AuthError                               unauthorized      3
-    │   ├── TokenMissing                        token_missing
-    │   ├── TokenInvalid                        token_invalid
-    │   ├── TokenExpired                        token_expired
-    │   └── ScopeMissing                        scope_missing
-    ├── PolicyDenied                            policy_denied     4
-    ├── LedgerError                             ledger_error      5
-    │   ├── InsufficientFunds                   insufficient_su
-    │   └── DuplicateRequest                    duplicate_request
-    ├── ShardGroupError                         shard_unavailable 6
-    │   └── ShardTimeout                        shard_timeout
-    ├── ConfigError                             config_error      7
-    └── RemoteError                             (the remote code)  8
+    TPMError                                            code               exit
+    ├── RequestError(TPMError, ValueError)              bad_request        2
+    │   ├── MalformedRequest                            malformed_json
+    │   ├── UnknownModel                                unknown_model
+    │   ├── LimitExceeded                               limit_exceeded
+    │   │   └── RateLimited                             rate_limited
+    │   ├── TensorError                                 bad_tensor
+    │   └── UnknownResult                               unknown_result
+    ├── AuthError(TPMError, PermissionError)            unauthorized       3
+    │   ├── TokenMissing                                token_missing
+    │   ├── TokenInvalid                                token_invalid
+    │   ├── TokenExpired                                token_expired
+    │   └── ScopeMissing                                scope_missing
+    ├── PolicyDenied(TPMError, PermissionError)         policy_denied      4
+    ├── LedgerError                                     ledger_error       5
+    │   ├── InsufficientFunds                           insufficient_su
+    │   └── DuplicateRequest                            duplicate_request
+    ├── ShardGroupError(TPMError, RuntimeError)         shard_unavailable  6
+    │   └── ShardTimeout(ShardGroupError, TimeoutError) shard_timeout
+    ├── ConfigError                                     config_error       7
+    │   └── MissingExtra(ConfigError, ImportError)      missing_extra
+    └── RemoteError                                     (the remote code)  8
+
+A class's exit code is its parent's unless drawn; ``tests/unit/test_errors.py`` checks this
+drawing against the classes (names, parents, bases, codes, exit codes).
 
 Errors cross the Globus Compute boundary as a plain record (:meth:`TPMError.to_record`),
 never as a pickled exception, and are raised again on the client as :class:`RemoteError`.
@@ -170,6 +176,16 @@ class ConfigError(TPMError):
     code = "config_error"
     exit_code = 7
     layer = "config"
+
+
+class MissingExtra(ConfigError, ImportError):
+    """An optional part of tpm_faas is used but its extra is not installed.
+
+    Raised by :func:`tpm_faas._extras.require` where the object that needs it is built; the
+    message names the extra to install (``pip install 'tpm-faas[site]'``).
+    """
+
+    code = "missing_extra"
 
 
 class RemoteError(TPMError):

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from tpm_faas.cli import main
 from tpm_faas.compute.sdk import Manifest
 from tpm_faas.compute.templates import TEMPLATES, render
+from tpm_faas.config import POLICIES
 from tpm_faas.errors import ConfigError
 from tpm_faas.launcher import Allocation
 
@@ -115,7 +116,7 @@ def test_render_command_with_a_manifest(tmp_path: Path) -> None:
             "--manifest",
             str(manifest),
             "--policy",
-            str(Path(__file__).resolve().parents[2] / "policies" / "provider-site.yaml"),
+            str(POLICIES / "provider-site.yaml"),
             "--out",
             str(out),
         ],

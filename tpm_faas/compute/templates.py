@@ -1,9 +1,10 @@
 """Endpoint templates, rendered and checked by the Globus Compute endpoint's own code.
 
-``endpoint_templates/provider/`` is a multi-user endpoint (``config.yaml.j2``, site variables in
+The templates ship in the package (:data:`TEMPLATES`, ``tpm_faas/data/endpoint_templates/``).
+``provider/`` is a multi-user endpoint (``config.yaml.j2``, site variables in
 ``config.schema.json``) with the template of each caller's user endpoint
 (``user_config_template.yaml.j2`` + ``user_config_schema.json``);
-``endpoint_templates/byo/`` is a researcher's own endpoint and shard group on an allocation
+``byo/`` is a researcher's own endpoint and shard group on an allocation
 they own. :func:`render` goes through ``globus_compute_endpoint``'s renderer: variables are
 validated against the template's schema (``<name>.schema.json``, else the directory's
 ``user_config_schema.json``), every string is quoted
@@ -23,9 +24,12 @@ from typing import Any
 
 import yaml
 
+from tpm_faas._extras import require
+from tpm_faas.config import ENDPOINT_TEMPLATES
 from tpm_faas.errors import ConfigError
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "endpoint_templates"
+#: The bundled endpoint templates (package data).
+TEMPLATES = ENDPOINT_TEMPLATES
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,11 @@ def render(
     identity: str = "00000000-0000-4000-8000-0000000000ee",
 ) -> Rendered:
     """Render ``template`` with ``variables`` as the endpoint would for a caller mapped to the
-    current user with Globus identity ``identity``, and load the result."""
+    current user with Globus identity ``identity``, and load the result.
+
+    :raises MissingExtra: ``globus-compute-endpoint`` is not installed (the ``endpoint`` extra)
+    """
+    require("globus_compute_endpoint", "endpoint")
     from globus_compute_endpoint.endpoint.config.utils import (
         load_config_yaml,
         load_user_config_schema,

@@ -23,6 +23,30 @@ from typing import Any
 import torch
 
 
+def byte_llama_config(**shape: Any) -> Any:
+    """A ``transformers.LlamaConfig`` on the byte tokenizer's vocabulary (the demo models').
+
+    :param shape: sizes and other config fields (``hidden_size``, ``num_hidden_layers``, ...)
+    """
+    from transformers import LlamaConfig
+
+    from tpm_faas.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    kwargs: dict[str, Any] = {
+        "vocab_size": tok.vocab_size,
+        "max_position_embeddings": 512,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id,
+        **shape,
+    }
+    return LlamaConfig(**kwargs)
+
+
 class Arch:
     """Llama (and Llama-shaped: Mistral, Qwen2 without biases differ only in config)."""
 

@@ -11,7 +11,10 @@ text, plus a registered input adapter and output head:
 
 Rebuild (deterministic for a given seed, torch version and thread count)::
 
-    python -m tpm_faas.runtime.demo_model --steps 1500
+    python scripts/train_demo_model.py --steps 1500
+
+The weights it writes (``tpm_faas/data/models/demo-tpm/1``) ship with the package; this
+script does not.
 """
 
 from __future__ import annotations
@@ -29,29 +32,14 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tpm_faas.config import BUNDLED_MODELS, PACKAGE_DIR
+from tpm_faas.runtime.arch import byte_llama_config
 from tpm_faas.tokenizer import ByteTokenizer
 
-CORPUS = PACKAGE_DIR / "data" / "corpus" / "kjv-genesis.txt"
-OUT = BUNDLED_MODELS / "demo-tpm" / "1"
+# The source tree's package data: the corpus it trains on and where the weights go.
+DATA = Path(__file__).resolve().parents[1] / "tpm_faas" / "data"
+CORPUS = DATA / "corpus" / "kjv-genesis.txt"
+OUT = DATA / "models" / "demo-tpm" / "1"
 ADAPTER_IN = 16
-
-
-def byte_llama_config(**shape: Any) -> LlamaConfig:
-    """A Llama config on the byte-level vocabulary; ``shape`` sets sizes (hidden_size, ...)."""
-    tok = ByteTokenizer()
-    kwargs: dict[str, Any] = {
-        "vocab_size": tok.vocab_size,
-        "max_position_embeddings": 512,
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-        "bos_token_id": tok.bos_id,
-        "eos_token_id": tok.eos_id,
-        "pad_token_id": tok.pad_id,
-        **shape,
-    }
-    return LlamaConfig(**kwargs)
 
 
 def demo_config() -> LlamaConfig:
