@@ -139,3 +139,49 @@ class Settings:
         if self.globus_groups:
             env["TPM_FAAS_GLOBUS_GROUPS"] = "1"
         return env
+
+
+# -- the process environment beyond TPM_FAAS_* ------------------------------------------------
+# Other modules read the environment only through these functions. Writes are for what only
+# the environment can carry: settings of processes started later (Parsl workers, ranks) and of
+# libraries that read their configuration from it (torch.distributed's env:// rendezvous,
+# torch's extension builder).
+
+
+def search_path(env: Mapping[str, str] | None = None) -> list[str]:
+    """The directories of ``PATH`` (``env`` defaults to ``os.environ``), in order."""
+    e = os.environ if env is None else env
+    return [p for p in e.get("PATH", "").split(os.pathsep) if p]
+
+
+def path_with_first(directory: str, env: Mapping[str, str] | None = None) -> str:
+    """``PATH`` with ``directory`` first (moved there if it is further down)."""
+    rest = [p for p in search_path(env) if p != directory]
+    return os.pathsep.join([directory, *rest])
+
+
+def torch_extensions_dir(env: Mapping[str, str] | None = None) -> Path | None:
+    """Where the site keeps torch's JIT-built extensions (``TORCH_EXTENSIONS_DIR``), if set."""
+    e = os.environ if env is None else env
+    value = e.get("TORCH_EXTENSIONS_DIR")
+    return Path(value) if value else None
+
+
+def set_process_env(values: Mapping[str, str]) -> dict[str, str | None]:
+    """Write ``values`` into this process's environment, for the children it starts later and
+    the libraries that read it; returns the previous values (``None``: was unset), for
+    :func:`restore_process_env`."""
+    saved: dict[str, str | None] = {}
+    for key, value in values.items():
+        saved[key] = os.environ.get(key)
+        os.environ[key] = value
+    return saved
+
+
+def restore_process_env(saved: Mapping[str, str | None]) -> None:
+    """Undo :func:`set_process_env` with the values it returned."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

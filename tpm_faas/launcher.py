@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tpm_faas._extras import require
 from tpm_faas.config import Settings
 from tpm_faas.errors import ConfigError, ShardGroupError, TPMError
 from tpm_faas.registry import GroupEntry, Registry
@@ -111,6 +112,7 @@ class Allocation:
         return f"{where}, account {self.account or '(default)'}, {self.kind} allocation"
 
     def parsl_provider(self, bindir: Path) -> Any:
+        require("parsl", "launch")
         from parsl.launchers import MpiExecLauncher, SimpleLauncher, SrunLauncher
         from parsl.providers import LocalProvider, PBSProProvider, SlurmProvider
 
@@ -180,6 +182,7 @@ class ShardGroup:
 
     def start(self, *, timeout_s: float = 300.0, progress: Any = None) -> GroupEntry:
         """Start the ranks and wait until rank 0 answers a ping."""
+        require("parsl", "launch")
         from parsl.app.app import python_app
         from parsl.config import Config
         from parsl.dataflow.dflow import DataFlowKernel

@@ -27,6 +27,9 @@ values that name anything but builtins.  (Annotations are harmless: the SDK comp
 with postponed evaluation of annotations.)
 """
 
+# The engine's imports come after the check that names the missing extra.
+# ruff: noqa: E402
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -42,6 +45,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
+
+from tpm_faas._extras import require
+from tpm_faas.config import path_with_first, restore_process_env, search_path, set_process_env
+
+# Without the endpoint extra, say which one to install before the imports below fail.
+require("globus_compute_endpoint", "endpoint")
 
 from globus_compute_common import messagepack
 from globus_compute_common.messagepack.message_types import Result, Task
@@ -555,22 +564,18 @@ class LocalEndpoint:
         return self._engine
 
     def _apply_env(self) -> None:
+        # Written into this process's environment because the provider launches the workers
+        # later with plain subprocess and they inherit it (see the class docstring).
         bin_dir = str(Path(sys.executable).parent)
-        path = os.environ.get("PATH", "")
         wanted = dict(self._env)
-        if path.split(os.pathsep)[0] != bin_dir:
-            wanted["PATH"] = bin_dir + (os.pathsep + path if path else "")
-        for key, value in wanted.items():
-            self._saved_env.setdefault(key, os.environ.get(key))
-            os.environ[key] = value
+        if search_path()[:1] != [bin_dir]:
+            wanted["PATH"] = path_with_first(bin_dir)
+        for key, previous in set_process_env(wanted).items():
+            self._saved_env.setdefault(key, previous)
 
     def _restore_env(self) -> None:
         saved, self._saved_env = self._saved_env, {}
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_process_env(saved)
 
     @staticmethod
     def _block_pgids(engine: GlobusComputeEngine) -> set[int]:
