@@ -21,6 +21,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from tpm_faas._extras import require
+from tpm_faas.config import set_process_env
 from tpm_faas.errors import RequestError, TPMError
 from tpm_faas.registry import HEARTBEAT_S, GroupEntry, Registry
 from tpm_faas.runtime.model_store import rank_device
@@ -56,10 +58,13 @@ def serve_rank(
     from tpm_faas.runtime.rendezvous import placement
 
     where = placement(Path(rendezvous_dir), rank, tp_size)
-    os.environ.update(where.env())
+    # torch.distributed's env:// rendezvous and DeepSpeed read the placement from the environment.
+    set_process_env(where.env())
     from tpm_faas.runtime.prebuild import use_prebuilt_ops
 
     use_prebuilt_ops()
+    require("torch", "runtime")
+    require("deepspeed", "runtime")
     import torch
 
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // where.local_size))

@@ -8,7 +8,6 @@ module still checks what it indexes.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
+from tpm_faas._extras import require
 from tpm_faas.errors import RequestError, TensorError
 from tpm_faas.registry import ModelInfo
 from tpm_faas.runtime import model_store
@@ -58,6 +58,8 @@ class ModelRunner:
     @classmethod
     def load(cls, name: str, model_dir: Path, *, dtype: str, tp_size: int) -> ModelRunner:
         """Load ``model_dir`` and wrap it with DeepSpeed inference (AutoTP over ``tp_size``)."""
+        require("deepspeed", "runtime")
+        require("transformers", "runtime")
         import deepspeed
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -75,7 +77,7 @@ class ModelRunner:
             replace_with_kernel_inject=False,
         )
         module: Any = engine.module
-        rank = int(os.environ.get("RANK", "0"))
+        rank = _this_rank()
         weight_bytes = model_store.load_shard(module, model_dir, rank=rank, tp_size=tp_size)
         # Buffers are not in the checkpoint: rebuild the rotary tables for real.
         core = module.base_model
@@ -110,7 +112,7 @@ class ModelRunner:
             max_len=min(max_len or 1 << 30, self.info.max_positions),
             heads=self._heads(),
             gather_heads=_gather_heads,
-            rank=int(os.environ.get("RANK", "0")),
+            rank=_this_rank(),
         )
         return self.decoder
 
@@ -191,3 +193,10 @@ def _gather_heads(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local)
     return torch.cat([p[..., :n, :] for p, n in zip(parts, sizes, strict=True)], dim=-2).cpu()
+
+
+def _this_rank() -> int:
+    """This process's rank in the shard group (0 when torch.distributed is not started)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
