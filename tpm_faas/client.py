@@ -4,13 +4,12 @@ The client talks to a :class:`Transport`, which carries a mode's JSON request an
 caller's token to wherever the mode functions run and returns their JSON reply. The
 embedded default uses the local Globus Compute engine
 (:class:`tpm_faas.compute.transport.LocalEngineTransport`); the Globus Compute SDK's
-``Executor`` slots in as another transport. Tensors go as declared dtype/shape + base64 and
-come back as numpy arrays.
+``Executor`` slots in as another transport. Tensors go as declared dtype/shape + base64 (the
+wire's one codec, :mod:`tpm_faas.protocol.codec`) and come back as numpy arrays.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import uuid
 from collections.abc import Callable, Sequence
@@ -20,6 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tpm_faas.errors import RemoteError
+from tpm_faas.protocol.codec import decode_array, encode_array
+from tpm_faas.protocol.replies import (
+    EmbedOutput,
+    ErrorReply,
+    InterveneOutput,
+    InterveneRun,
+    QueryOutput,
+    Receipt,
+    Reply,
+    Saved,
+    TensorOut,
+    Usage,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,28 +45,43 @@ class Transport(Protocol):
 
 @dataclass(frozen=True)
 class Result:
-    """A mode's result: its output, the usage it was charged for, and its receipt.
+    """A mode's result: its output, the usage it was charged for, and its receipt, read
+    through the wire's typed replies (:mod:`tpm_faas.protocol.replies`).
+
+    ``output`` is the mode's output model (:class:`~tpm_faas.protocol.replies.QueryOutput`,
+    :class:`~tpm_faas.protocol.replies.EmbedOutput` or
+    :class:`~tpm_faas.protocol.replies.InterveneOutput`), ``usage`` a
+    :class:`~tpm_faas.protocol.replies.Usage` and ``receipt`` a
+    :class:`~tpm_faas.protocol.replies.Receipt`; each also answers ``["field"]`` like the JSON.
 
     Tensors come back inline or, for large results, in a safetensors file named by
-    ``output["tensors_ref"]``; :meth:`tensor`, :attr:`saved` and :meth:`saved_for` load either
+    ``output.tensors_ref``; :meth:`tensor`, :attr:`saved` and :meth:`saved_for` load either
     transparently (the file's sha256 is checked first). ``results_dir`` is where to look for
     that file when its ``uri`` is not readable here (e.g. after a Globus transfer).
     """
 
     request_id: str
     mode: str
-    output: dict[str, Any]
-    usage: dict[str, Any]
-    receipt: dict[str, Any]
+    output: Any
+    usage: Usage
+    receipt: Receipt
     raw: dict[str, Any] = field(repr=False)
     results_dir: Path | None = field(default=None, repr=False)
     _file: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
+    def runs(self) -> list[Any]:
+        """Per prompt: completions (query) or runs under the intervention (intervene)."""
+        if isinstance(self.output, QueryOutput):
+            return list(self.output.completions)
+        if isinstance(self.output, InterveneOutput):
+            return list(self.output.results)
+        return []
+
+    @property
     def texts(self) -> list[str]:
         """Generated texts: one per prompt (query), or under intervention (intervene)."""
-        runs = self.output.get("completions") or self.output.get("results") or []
-        return [c["text"] for c in runs]
+        return [c.text for c in self.runs]
 
     @property
     def text(self) -> str:
@@ -62,9 +89,8 @@ class Result:
 
     def tensor(self, key: str = "output") -> np.ndarray:
         """The embed mode's output tensor (``output``), or a saved site of the first prompt."""
-        value = self.output.get(key)
-        if isinstance(value, dict) and "dtype" in value:
-            return self.array(value)
+        if isinstance(self.output, EmbedOutput) and key == "output":
+            return self.array(self.output.output)
         return self.saved[key]
 
     @property
@@ -73,9 +99,18 @@ class Result:
         return self.saved_for(0)
 
     def saved_for(self, prompt: int) -> dict[str, np.ndarray]:
-        """Saved activations of prompt ``prompt``, by hook site: ``[positions, *shape]``."""
-        run = self.output["results"][prompt]
-        return {k: self.array(v["tensor"]) for k, v in run["saved"].items()}
+        """Saved activations of prompt ``prompt``, by hook site: ``[positions, *shape]``
+        (which position each row is: :meth:`saved_entry`)."""
+        return {k: self.array(v.tensor) for k, v in self._run(prompt).saved.items()}
+
+    def saved_entry(self, site: str, prompt: int = 0) -> Saved:
+        """A saved site of prompt ``prompt`` as it came back: ``tensor``, the token
+        ``positions`` of its rows and, for ``attn.hook_z``, the ``heads`` of its head rows."""
+        run = self._run(prompt)
+        if site not in run.saved:
+            known = ", ".join(sorted(run.saved)) or "none"
+            raise KeyError(f"prompt {prompt} saved no {site!r} (saved: {known})")
+        return run.saved[site]
 
     def saved_ref(self, site: str, prompt: int = 0) -> dict[str, str]:
         """A reference to a saved site of this result, for a later request's ``tensors``.
@@ -86,32 +121,35 @@ class Result:
 
         :raises ValueError: if this result's tensors came back inline (send the array instead)
         """
-        run = self.output["results"][prompt]
-        if site not in run["saved"]:
-            known = ", ".join(sorted(run["saved"])) or "none"
-            raise KeyError(f"prompt {prompt} saved no {site!r} (saved: {known})")
-        payload = run["saved"][site]["tensor"]
-        ref = self.output.get("tensors_ref")
-        if ref is None or "key" not in payload:
+        payload = self.saved_entry(site, prompt).tensor
+        ref = self.output.tensors_ref
+        if ref is None or payload.key is None:
             raise ValueError(
                 "this result's tensors came back inline; send the array itself "
                 f"(result.saved_for({prompt})[{site!r}])"
             )
-        return {"result": self.request_id, "key": payload["key"], "sha256": ref["sha256"]}
+        return {"result": self.request_id, "key": payload.key, "sha256": ref.sha256}
 
     @property
     def logit_lens(self) -> list[dict[str, Any]]:
         """The logit-lens rows of the first prompt (intervene)."""
-        rows: list[dict[str, Any]] = self.output["results"][0]["logit_lens"]
-        return rows
+        return list(self._run(0).logit_lens)
 
-    def array(self, payload: dict[str, Any]) -> np.ndarray:
-        """A tensor payload of this result as a numpy array, inline or from the results file."""
-        if "data" in payload:
-            return decode_array(payload)
+    def array(self, payload: TensorOut | dict[str, Any]) -> np.ndarray:
+        """A tensor of this result as a numpy array, inline or from the results file."""
+        if isinstance(payload, dict):
+            payload = TensorOut.model_validate(payload)
+        if payload.data is not None:
+            return decode_array(payload.model_dump(exclude_none=True))
         if not self._file:
-            self._file.update(load_results_file(self.output["tensors_ref"], self.results_dir))
-        return self._file[payload["key"]]
+            ref = self.output.tensors_ref
+            self._file.update(load_results_file(ref.model_dump(), self.results_dir))
+        return self._file[str(payload.key)]
+
+    def _run(self, prompt: int) -> InterveneRun:
+        if not isinstance(self.output, InterveneOutput):
+            raise TypeError(f"a {self.mode} result has no saved sites")
+        return self.output.results[prompt]
 
 
 def load_results_file(ref: dict[str, Any], results_dir: Path | None = None) -> dict[str, Any]:
@@ -136,27 +174,6 @@ def load_results_file(ref: dict[str, Any], results_dir: Path | None = None) -> d
     if digest != ref["sha256"]:
         raise ValueError(f"result file {path} has sha256 {digest}, expected {ref['sha256']}")
     return dict(load(data))
-
-
-def encode_array(a: Any, dtype: str = "float32") -> dict[str, Any]:
-    """A numpy array (or anything ``numpy.asarray`` takes) as a tensor payload."""
-    import numpy as np
-
-    arr = np.ascontiguousarray(np.asarray(a, dtype=dtype))
-    return {
-        "dtype": dtype,
-        "shape": list(arr.shape),
-        "data": base64.b64encode(arr.tobytes()).decode(),
-    }
-
-
-def decode_array(payload: dict[str, Any]) -> np.ndarray:
-    import numpy as np
-
-    if payload["dtype"] != "float32":
-        raise ValueError(f"cannot decode dtype {payload['dtype']}")
-    raw = base64.b64decode(payload["data"])
-    return np.frombuffer(raw, dtype=np.float32).reshape(payload["shape"]).copy()
 
 
 class TPMClient:
@@ -267,10 +284,13 @@ class TPMClient:
         return self.call("intervene", body, model=model)
 
     def call(self, mode: str, body: dict[str, Any], *, model: str | None = None) -> Result:
-        """Send one request to ``mode`` and wait for its result."""
+        """Send one request to ``mode`` (a name of :data:`tpm_faas.modes.MODES`) and wait for
+        its result."""
+        from tpm_faas.modes import get_mode
+
         request = {"model": model or self.model, "request_id": str(uuid.uuid4()), **body}
         token = self.token() if callable(self.token) else self.token
-        fut = self.transport.submit(mode, json.dumps(request), token)
+        fut = self.transport.submit(get_mode(mode).name, json.dumps(request), token)
         try:
             reply = fut.result(timeout=self.timeout_s)
         except TimeoutError:
@@ -290,19 +310,34 @@ class TPMClient:
 
 def parse_reply(reply_json: str, results_dir: Path | None = None) -> Result:
     """Decode a mode function's reply; an error record raises :class:`RemoteError`."""
-    reply = json.loads(reply_json)
-    if not reply.get("ok"):
-        raise RemoteError.from_record(reply.get("error") or {})
+    from tpm_faas.modes import get_mode
+
+    raw = json.loads(reply_json)
+    if not isinstance(raw, dict) or not raw.get("ok"):
+        error = ErrorReply.model_validate(raw if isinstance(raw, dict) else {}).error
+        raise RemoteError.from_record(error.model_dump())
+    reply = Reply.model_validate(raw)
     return Result(
-        request_id=reply["request_id"],
-        mode=reply["mode"],
-        output=reply["output"],
-        usage=reply["usage"],
-        receipt=reply["receipt"],
-        raw=reply,
+        request_id=reply.request_id,
+        mode=reply.mode,
+        output=get_mode(reply.mode).output_model.model_validate(reply.output),
+        usage=reply.usage,
+        receipt=reply.receipt,
+        raw=raw,
         results_dir=results_dir,
     )
 
 
 def _is_array(v: Any) -> bool:
     return hasattr(v, "__array__") and not isinstance(v, (str, bytes, dict))
+
+
+__all__ = [
+    "Result",
+    "TPMClient",
+    "Transport",
+    "decode_array",
+    "encode_array",
+    "load_results_file",
+    "parse_reply",
+]

@@ -1,38 +1,25 @@
-"""The functions registered with Globus Compute: one per mode.
+"""The functions registered with Globus Compute: one per mode, from the registry of modes.
 
 Each takes a JSON request string and the caller's access token for the TPM resource server,
 runs the gateway pipeline in the endpoint's worker and returns a JSON string: a result with
-usage and receipt, or an error record with a code. They are registered as source text
-(``PureSourceTextInspect``), so each body imports what it needs; arguments and results travel
-as JSON only.
+usage and receipt, or an error record with a code. Each is defined at the top of its mode's
+module and registered as source text (``PureSourceTextInspect``), so its body imports what it
+needs; arguments and results travel as JSON only.
 """
 
+from __future__ import annotations
 
-def query(request_json: str, token: str | None = None) -> str:
-    """Generate text for prompt(s). See :class:`tpm_faas.protocol.requests.QueryRequest`."""
-    from tpm_faas.gateway.pipeline import handle
+from collections.abc import Callable
 
-    return handle("query", request_json, token)
+from tpm_faas.modes import MODES
 
-
-def embed(request_json: str, token: str | None = None) -> str:
-    """Run custom inputs through the frozen core.
-
-    See :class:`tpm_faas.protocol.requests.EmbedRequest`.
-    """
-    from tpm_faas.gateway.pipeline import handle
-
-    return handle("embed", request_json, token)
+#: The function of every mode, by mode name (its registered name too).
+MODE_FUNCTIONS: dict[str, Callable[..., str]] = {m.name: m.function for m in MODES.values()}
 
 
-def intervene(request_json: str, token: str | None = None) -> str:
-    """Read and write hidden states at hook sites.
-
-    See :class:`tpm_faas.protocol.requests.InterveneRequest`.
-    """
-    from tpm_faas.gateway.pipeline import handle
-
-    return handle("intervene", request_json, token)
-
-
-MODE_FUNCTIONS = {"query": query, "embed": embed, "intervene": intervene}
+def __getattr__(name: str) -> Callable[..., str]:
+    """``tpm_faas.functions.query`` and so on: each mode's function by its name."""
+    try:
+        return MODE_FUNCTIONS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -6,7 +6,8 @@ through ``globus_sdk.UserApp`` (a browser login, tokens kept in ``~/.globus``); 
 through ``globus_sdk.ClientApp`` (client credentials). :class:`GlobusTokens` is what
 :class:`tpm_faas.client.TPMClient` calls before each request (``token=``), so a refreshed token
 is always the one sent. :func:`setup_scopes` creates the scopes on the resource server
-(``tpm-faas auth setup``). ``globus_sdk`` is imported only here, when used.
+(``tpm-faas auth setup``). ``globus_sdk`` is imported only here, when used. Admin calls bound each
+HTTP request (:func:`short_timeouts`), so they fail in seconds without a network.
 """
 
 from __future__ import annotations
@@ -16,19 +17,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from tpm_faas.errors import AuthError
+from tpm_faas.modes import MODE_NAMES as MODES
+from tpm_faas.modes import get_mode
 
-MODES = ("query", "embed", "intervene")
-SCOPE_TEXT = {
-    "query": ("Query the hosted model", "Send prompts to the model and receive text."),
-    "embed": (
-        "Customized embeddings",
-        "Run your input adapters and output heads around the frozen model.",
-    ),
-    "intervene": (
-        "Intermediary access",
-        "Read and write the model's hidden states through declarative interventions.",
-    ),
-}
+#: Seconds one HTTP request to a Globus service may take (connect or read) in admin commands.
+HTTP_TIMEOUT_S = 10.0
+#: How many times such a request that failed on the network is tried again.
+HTTP_RETRIES = 1
+
+
+def short_timeouts(*clients: Any) -> None:
+    """Give ``globus_sdk`` clients :data:`HTTP_TIMEOUT_S` per request and :data:`HTTP_RETRIES`
+    retries (at most 2 s apart), so an admin command fails in seconds when offline (the SDK's
+    defaults are 60 s and 5 retries with backoff). ``None`` entries are skipped."""
+    for c in clients:
+        if c is None:
+            continue
+        c.transport.http_timeout = HTTP_TIMEOUT_S
+        c.retry_config.max_retries = HTTP_RETRIES
+        c.retry_config.max_sleep = 2
 
 
 def mode_scopes(resource_server: str, modes: Iterable[str] = MODES) -> list[str]:
@@ -133,6 +140,7 @@ def setup_scopes(
     auth = globus_sdk.AuthClient(
         authorizer=globus_sdk.ClientCredentialsAuthorizer(login, AuthScopes.manage_projects)
     )
+    short_timeouts(login, auth)
     wanted = dict(zip(modes, mode_scopes(client_id, modes), strict=True))
     try:
         existing = {s["scope_string"] for s in auth.get_scopes(scope_strings=list(wanted.values()))}
@@ -148,7 +156,7 @@ def setup_scopes(
         if dry_run:
             done.append(ScopeAction(mode, scope, "would create"))
             continue
-        name, description = SCOPE_TEXT[mode]
+        name, description = get_mode(mode).scope_title, get_mode(mode).scope_description
         extra: dict[str, Any] = {}
         if groups:
             extra["dependent_scopes"] = [

@@ -1,18 +1,20 @@
 """The one way into a shard group: JSON messages over a ZeroMQ socket on rank 0.
 
-A message is ``{"op": ..., "request_id": ..., "body": {...}}``; the reply is
-``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": {"code", "message", "type"}}``.
+A message is :class:`~tpm_faas.protocol.shard.ShardMessage` (``op``, ``request_id``,
+``body``); the reply is :class:`~tpm_faas.protocol.shard.ShardReply`: ``{"ok": true,
+"result": {...}}`` or ``{"ok": false, "error": {"code", "message", "type"}}``.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
 import zmq
+from pydantic import ValidationError
 
 from tpm_faas.errors import ShardGroupError, ShardTimeout, TPMError
+from tpm_faas.protocol.shard import ShardMessage, ShardReply
 
 
 class ShardClient:
@@ -35,12 +37,12 @@ class ShardClient:
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
         """Send one request and wait for its result; errors come back as :class:`TPMError`."""
-        msg = {"op": op, "request_id": request_id or str(uuid.uuid4()), "body": body or {}}
+        msg = ShardMessage(op=op, request_id=request_id or str(uuid.uuid4()), body=body or {})
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(self.address)
-            sock.send_multipart([b"", json.dumps(msg).encode()])
+            sock.send_multipart([b"", msg.model_dump_json().encode()])
             wait_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
             if not sock.poll(wait_ms, zmq.POLLIN):
                 raise ShardTimeout(
@@ -51,13 +53,12 @@ class ShardClient:
         finally:
             sock.close()
         try:
-            reply = json.loads(frames[-1])
-        except ValueError as e:
-            raise ShardGroupError(f"the shard group sent an unreadable reply: {e}") from e
-        if reply.get("ok"):
-            result: dict[str, Any] = reply["result"]
-            return result
-        raise _error_from(reply.get("error") or {})
+            reply = ShardReply.model_validate_json(frames[-1])
+        except ValidationError as e:
+            raise ShardGroupError(f"the shard group sent an unreadable reply: {e}") from None
+        if reply.ok:
+            return reply.result or {}
+        raise _error_from(reply.error or {})
 
     def ping(self, timeout_s: float = 5.0) -> dict[str, Any]:
         return self.call("ping", timeout_s=timeout_s)

@@ -16,7 +16,8 @@ from tpm_faas.cli import main
 from tpm_faas.client import Result, decode_array, encode_array, load_results_file
 from tpm_faas.errors import LimitExceeded, RequestError
 from tpm_faas.gateway.results import offload, payloads, read_tensors, resolve
-from tpm_faas.protocol.requests import ResultTensor, TensorPayload, json_schema
+from tpm_faas.modes import json_schema
+from tpm_faas.protocol.requests import ResultTensor, TensorPayload
 from tpm_faas.sites import ModelShape, all_sites, parse_site, site_table
 
 ROOT = Path(__file__).resolve().parents[2]

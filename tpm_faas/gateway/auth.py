@@ -40,7 +40,6 @@ from tpm_faas.errors import (
 )
 
 SCOPE_PREFIX = "https://auth.globus.org/scopes"
-MODES = ("query", "embed", "intervene")
 
 
 def mode_scope(client_id: str, mode: str) -> str:

@@ -1,14 +1,18 @@
-"""The gateway pipeline every mode function runs: parse → auth → policy → hold → shard → post.
+"""The gateway pipeline every mode function runs:
+parse → auth → policy → admit → rate → hold → shard → post.
 
-The only entry point is :func:`handle`. It never raises: the caller gets a JSON document,
-either a result (with usage and a receipt) or an error record with a code. Nothing is
-charged for a request that fails: its hold is voided, or never made.
+The entry point of a worker is :func:`handle`. It never raises: the caller gets a JSON
+document, either a result (with usage and a receipt) or an error record with a code. Nothing
+is charged for a request that fails: its hold is voided, or never made.
+
+The shard group is reached through one injected seam, :class:`Shards` (the ZeroMQ client of
+rank 0 by default; :class:`tpm_faas.testing.FakeShard` in tests), so every layer and the
+success path can be exercised without a model.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -18,12 +22,18 @@ import uuid
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from tpm_faas.config import Settings
-from tpm_faas.errors import ConfigError, MalformedRequest, RequestError, TPMError
+from tpm_faas.errors import (
+    ConfigError,
+    MalformedRequest,
+    RequestError,
+    ShardGroupError,
+    TPMError,
+)
 from tpm_faas.gateway import results
 from tpm_faas.gateway.auth import (
     Authenticator,
@@ -34,12 +44,40 @@ from tpm_faas.gateway.auth import (
 )
 from tpm_faas.gateway.ledger import Ledger, to_su
 from tpm_faas.gateway.ratelimit import RateLimiter
+from tpm_faas.modes import Mode, get_mode
+from tpm_faas.modes.base import sha256_json
 from tpm_faas.policy import Caller, Limits, Policy, PolicyStore, Usage
+from tpm_faas.protocol import codec
+from tpm_faas.protocol.replies import ErrorRecord, ErrorReply, Receipt, Reply
+from tpm_faas.protocol.replies import Usage as UsageReply
 from tpm_faas.protocol.requests import ResultTensor
-from tpm_faas.registry import Registry
+from tpm_faas.registry import GroupEntry, Registry
 from tpm_faas.shard_client import ShardClient
 
 log = logging.getLogger(__name__)
+
+
+class Shards(Protocol):
+    """How the gateway reaches a shard group: one call, one JSON reply (or a TPMError)."""
+
+    def call(
+        self, group: GroupEntry, op: str, body: dict[str, Any], *, request_id: str
+    ) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class ZmqShards:
+    """The shard groups' rank 0 over ZeroMQ (:class:`tpm_faas.shard_client.ShardClient`)."""
+
+    timeout_s: float = 300.0
+
+    def call(
+        self, group: GroupEntry, op: str, body: dict[str, Any], *, request_id: str
+    ) -> dict[str, Any]:
+
+        return ShardClient(group.address, timeout_s=self.timeout_s).call(
+            op, body, request_id=request_id
+        )
 
 
 @dataclass
@@ -52,6 +90,7 @@ class Gateway:
     ledger: Ledger
     registry: Registry
     limiter: RateLimiter
+    shards: Shards
 
     @property
     def policy(self) -> Policy:
@@ -59,7 +98,8 @@ class Gateway:
         return self.policies.current()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Gateway:
+    def from_settings(cls, settings: Settings, shards: Shards | None = None) -> Gateway:
+        """The gateway of ``settings``; ``shards`` replaces the ZeroMQ seam (tests)."""
         introspector: Introspector
         if settings.auth_backend == "local":
             if settings.dev_tokens_path is None:
@@ -84,13 +124,12 @@ class Gateway:
             ledger=ledger,
             registry=Registry(settings.registry_dir),
             limiter=RateLimiter(ledger.engine),
+            shards=shards or ZmqShards(settings.shard_timeout_s),
         )
 
     def handle(self, mode_name: str, request_json: str, token: str | None) -> dict[str, Any]:
         """Run one request through the pipeline; return the result or raise :class:`TPMError`."""
-        from tpm_faas.modes import MODES
-
-        mode = MODES[mode_name]
+        mode = get_mode(mode_name)
         started = time.time()
         request = parse(mode.request_model, request_json)
         request_id = request.request_id or os.environ.get("GC_TASK_UUID") or str(uuid.uuid4())
@@ -101,7 +140,7 @@ class Gateway:
             raise
 
     def _admit_and_run(
-        self, mode: Any, request: Any, request_id: str, token: str | None, started: float
+        self, mode: Mode, request: Any, request_id: str, token: str | None, started: float
     ) -> dict[str, Any]:
         principal = self.authenticator.require(token, mode.name)
         group = self.registry.lookup(request.model)
@@ -130,11 +169,13 @@ class Gateway:
             _quietly(self.limiter.settle, reservation, 0, refused=True)
             raise
         try:
-            shard = ShardClient(group.address, timeout_s=self.settings.shard_timeout_s)
-            output = shard.call(admission.shard_op, admission.body, request_id=request_id)
+            output = self.shards.call(
+                group, admission.shard_op, admission.body, request_id=request_id
+            )
             # Serving figures (queue wait, time to first token, decode rate) go with the usage.
             timing = output.pop("timing", None)
-            used = mode.usage(request, admission, output)
+            typed = _shard_output(mode, output)
+            used = mode.usage(request, admission, typed)
             used = Usage(
                 used.input_tokens,
                 used.output_tokens,
@@ -149,38 +190,34 @@ class Gateway:
         finally:
             # Bookkeeping after the charge must not lose a charged result (or hide an error).
             _quietly(self.limiter.settle, reservation, used_tokens)
-        return {
-            "ok": True,
-            "request_id": request_id,
-            "mode": mode.name,
-            "model": request.model,
-            "output": output,
-            "usage": {
+        reply = Reply(
+            request_id=request_id,
+            mode=mode.name,
+            model=request.model,
+            output=output,
+            usage=UsageReply(
                 **asdict(used),
-                "su": to_su(charged),
-                "su_held": to_su(held),
-                "project": decision.project,
-                "seconds": round(time.time() - started, 4),
-                **({"timing": timing} if timing else {}),
-            },
-            "receipt": {
-                "request_id": request_id,
-                "model": request.model,
-                "checkpoint_sha256": group.model.checkpoint_sha256,
-                "request_sha256": request_hash(request),
-                "seed": getattr(request, "seed", None),
-                **(
-                    {"intervention_sha256": _sha256_json(admission.body["ops"])}
-                    if mode.name == "intervene"
-                    else {}
-                ),
-                "dtype": group.model.dtype,
-                "tp_size": group.tp_size,
-                "policy_sha256": decision.policy_sha256,
-                "versions": {**gateway_versions(), **group.versions},
-                "issued_at": time.time(),
-            },
-        }
+                su=to_su(charged),
+                su_held=to_su(held),
+                project=decision.project,
+                seconds=round(time.time() - started, 4),
+                timing=timing,
+            ),
+            receipt=Receipt(
+                request_id=request_id,
+                model=request.model,
+                checkpoint_sha256=group.model.checkpoint_sha256,
+                request_sha256=request_hash(request),
+                seed=getattr(request, "seed", None),
+                dtype=group.model.dtype,
+                tp_size=group.tp_size,
+                policy_sha256=decision.policy_sha256,
+                versions={**gateway_versions(), **group.versions},
+                issued_at=time.time(),
+                **mode.receipt_extras(request, admission),
+            ),
+        )
+        return reply.model_dump(mode="json", exclude_none=True)
 
     def _with_results(self, request: Any, principal: Principal, limits: Limits) -> Any:
         """``request`` with tensors named from the caller's earlier results read in (intervene's
@@ -204,7 +241,20 @@ class Gateway:
         found = results.payloads(output)
         inline_b64 = sum(len(p.get("data", "")) for _, p in found)
         text = len(json.dumps(output, separators=(",", ":")))
-        return text - inline_b64 + 3 * inline_b64 // 4 + in_file
+        return text - inline_b64 + sum(codec.raw_size(p) for _, p in found) + in_file
+
+
+def _shard_output(mode: Mode, output: dict[str, Any]) -> Any:
+    """The shard group's output read through the mode's output model; a reply that does not
+    fit it is the group's fault, not the caller's."""
+    try:
+        return mode.output_model.model_validate(output)
+    except ValidationError as e:
+        raise ShardGroupError(
+            f"the shard group sent a {mode.name} output that does not fit "
+            f"{mode.output_model.__name__}: {e.errors()[0]['msg']} at "
+            f"{_loc(e.errors()[0]['loc'])}"
+        ) from None
 
 
 def _quietly(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -244,17 +294,9 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc if "[" not in str(p)) or "request"
 
 
-def _sha256_json(obj: Any) -> str:
-    canon = json.dumps(obj, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canon.encode()).hexdigest()
-
-
 def request_hash(request: Any) -> str:
     """sha256 of the canonical JSON of a parsed request (without its request id)."""
-    canon = json.dumps(
-        request.model_dump(exclude={"request_id"}), sort_keys=True, separators=(",", ":")
-    )
-    return hashlib.sha256(canon.encode()).hexdigest()
+    return sha256_json(request.model_dump(exclude={"request_id"}))
 
 
 @lru_cache(maxsize=1)
@@ -272,21 +314,37 @@ def _gateway_for(env_key: tuple[tuple[str, str], ...]) -> Gateway:
 
 
 def handle(mode_name: str, request_json: str, token: str | None) -> str:
-    """Run one request and return JSON; never raises (errors become error records)."""
+    """Run one request in a worker and return JSON; never raises (errors become error records).
+
+    The worker's gateway is built from its environment once and kept (per distinct settings).
+    """
     try:
         env = tuple(
             sorted(
                 (k, v) for k, v in os.environ.items() if k.startswith("TPM_FAAS_") or k == "HOME"
             )
         )
-        reply = _gateway_for(env).handle(mode_name, request_json, token)
+        gateway = _gateway_for(env)
+    except TPMError as e:
+        return _error_json(e)
+    except Exception as e:  # an unexpected failure: report it without a traceback
+        log.exception("the gateway could not start")
+        return _error_json(TPMError(f"internal error: {type(e).__name__}: {e}"))
+    return respond(gateway, mode_name, request_json, token)
+
+
+def respond(gateway: Gateway, mode_name: str, request_json: str, token: str | None) -> str:
+    """Run one request through ``gateway`` and return the reply's JSON; never raises."""
+    try:
+        reply = gateway.handle(mode_name, request_json, token)
     except TPMError as e:
         log.info("request refused: %s", e)
-        reply = {"ok": False, "error": e.to_record()}
+        return _error_json(e)
     except Exception as e:  # an unexpected failure: report it without a traceback
         log.exception("request failed")
-        reply = {
-            "ok": False,
-            "error": TPMError(f"internal error: {type(e).__name__}: {e}").to_record(),
-        }
+        return _error_json(TPMError(f"internal error: {type(e).__name__}: {e}"))
     return json.dumps(reply, separators=(",", ":"))
+
+
+def _error_json(e: TPMError) -> str:
+    return ErrorReply(error=ErrorRecord(**e.to_record())).model_dump_json()

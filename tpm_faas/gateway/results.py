@@ -13,7 +13,6 @@ sending the values again; the gateway reads it here (:func:`resolve`) before adm
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import math
@@ -26,10 +25,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tpm_faas.errors import LimitExceeded, TensorError, UnknownResult
-from tpm_faas.protocol.requests import MAX_TENSOR_BYTES, ResultTensor, TensorPayload
+from tpm_faas.protocol import codec
+from tpm_faas.protocol.codec import MAX_TENSOR_BYTES
+from tpm_faas.protocol.requests import ResultTensor, TensorPayload
 
-#: Keys of a tensor payload (see :class:`tpm_faas.protocol.requests.TensorPayload`).
-PAYLOAD_KEYS = frozenset({"dtype", "shape", "data"})
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._:-]")
 #: A results file's JSON header is small (one entry per saved tensor); refuse anything huge.
 _MAX_HEADER = 16 * 1024 * 1024
@@ -42,7 +41,7 @@ MAX_RESULT_FILES = 4
 def payloads(obj: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
     """Every tensor payload in a JSON-able result, with its dotted path (in document order)."""
     if isinstance(obj, dict):
-        if obj.keys() >= PAYLOAD_KEYS:
+        if codec.is_payload(obj):
             return [(path, obj)]
         out = []
         for k, v in obj.items():
@@ -66,19 +65,16 @@ def offload(
     written (0 when everything stays inline).
     """
     found = payloads(output)
-    inline = sum(3 * len(p["data"]) // 4 for _, p in found)
+    inline = sum(codec.raw_size(p) for _, p in found)
     if inline <= limit:
         return 0
-    import numpy as np
     from safetensors.numpy import save
 
     arrays = {}
     for key, p in found:
         if p["dtype"] != "float32":
             raise ValueError(f"result tensor {key} has dtype {p['dtype']}; expected float32")
-        arrays[key] = np.frombuffer(base64.b64decode(p["data"]), dtype=np.float32).reshape(
-            p["shape"]
-        )
+        arrays[key] = codec.decode_array(p)
     results_dir.mkdir(parents=True, exist_ok=True)
     name = file_name(request_id)
     path = results_dir / name

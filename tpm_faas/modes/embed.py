@@ -3,19 +3,38 @@ through the frozen core, out through a registered head or as pooled hidden state
 
 from __future__ import annotations
 
-from typing import Any
-
 from tpm_faas.errors import RequestError, TensorError
 from tpm_faas.modes.base import Admission, Mode, check_context, check_output_bytes
 from tpm_faas.policy import Limits, Usage, check_limit
+from tpm_faas.protocol.replies import EmbedOutput
 from tpm_faas.protocol.requests import EmbedRequest
+from tpm_faas.protocol.shard import EmbedBody
 from tpm_faas.registry import ModelInfo
+
+
+def embed(request_json: str, token: str | None = None) -> str:
+    """Run custom inputs through the frozen core.
+
+    See :class:`tpm_faas.protocol.requests.EmbedRequest`.
+
+    The function registered with Globus Compute for this mode (as source text: its body
+    imports what it needs). JSON in, JSON out; never raises.
+    """
+    from tpm_faas.gateway.pipeline import handle
+
+    return handle("embed", request_json, token)
 
 
 class EmbedMode(Mode):
     name = "embed"
+    function = staticmethod(embed)
+    scope_title = "Customized embeddings"
+    scope_description = "Run your input adapters and output heads around the frozen model."
+    summary = "inputs_embeds or an input adapter's raw input through the frozen core; a head out"
     request_model = EmbedRequest
-    shard_op = "embed"
+    output_model = EmbedOutput
+    shard_body = EmbedBody
+    scheduled = False
 
     def admit(self, request: EmbedRequest, model: ModelInfo, limits: Limits) -> Admission:
         if request.inputs_embeds is not None:
@@ -58,7 +77,14 @@ class EmbedMode(Mode):
         out_bytes = batch * out_width * 4
         check_output_bytes(out_bytes, limits)
         worst = Usage(input_tokens=batch * tokens, bytes_returned=out_bytes)
-        return Admission(worst, self.shard_op, request.model_dump(exclude={"request_id"}))
+        body = EmbedBody(
+            inputs_embeds=request.inputs_embeds,
+            adapter=request.adapter,
+            adapter_input=request.adapter_input,
+            head=request.head,
+            pooling=request.pooling,
+        )
+        return self.admitted(worst, body)
 
-    def usage(self, request: EmbedRequest, admission: Admission, result: dict[str, Any]) -> Usage:
-        return Usage(input_tokens=int(result["input_tokens"]))
+    def usage(self, request: EmbedRequest, admission: Admission, output: EmbedOutput) -> Usage:
+        return Usage(input_tokens=output.input_tokens)

@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from tpm_faas.modes.base import Admission, Mode, check_context, count_tokens
 from tpm_faas.policy import Limits, Usage, check_limit
+from tpm_faas.protocol.replies import QueryOutput
 from tpm_faas.protocol.requests import QueryRequest
+from tpm_faas.protocol.shard import QueryBody
 from tpm_faas.registry import ModelInfo
 
 #: Worst-case bytes of one generated token in a result (text, id, log-prob and JSON).
 BYTES_PER_TOKEN = 64
 
 
+def query(request_json: str, token: str | None = None) -> str:
+    """Generate text for prompt(s).
+
+    See :class:`tpm_faas.protocol.requests.QueryRequest`.
+
+    The function registered with Globus Compute for this mode (as source text: its body
+    imports what it needs). JSON in, JSON out; never raises.
+    """
+    from tpm_faas.gateway.pipeline import handle
+
+    return handle("query", request_json, token)
+
+
 class QueryMode(Mode):
     name = "query"
+    function = staticmethod(query)
+    scope_title = "Query the hosted model"
+    scope_description = "Send prompts to the model and receive text."
+    summary = "prompt(s) in, generated text (and optionally token log-probs) out"
     request_model = QueryRequest
-    shard_op = "generate"
+    output_model = QueryOutput
+    shard_body = QueryBody
+    scheduled = True
 
     def admit(self, request: QueryRequest, model: ModelInfo, limits: Limits) -> Admission:
         check_limit("the number of prompts", len(request.prompts), limits.max_prompts)
@@ -31,11 +50,11 @@ class QueryMode(Mode):
             output_tokens=worst_out,
             bytes_returned=BYTES_PER_TOKEN * worst_out,
         )
-        return Admission(worst, self.shard_op, request.model_dump(exclude={"request_id"}))
+        body = QueryBody.model_validate(request.model_dump(exclude={"model", "request_id"}))
+        return self.admitted(worst, body)
 
-    def usage(self, request: QueryRequest, admission: Admission, result: dict[str, Any]) -> Usage:
-        outs = result["completions"]
+    def usage(self, request: QueryRequest, admission: Admission, output: QueryOutput) -> Usage:
         return Usage(
-            input_tokens=sum(int(c["prompt_tokens"]) for c in outs),
-            output_tokens=sum(int(c["completion_tokens"]) for c in outs),
+            input_tokens=sum(c.prompt_tokens for c in output.completions),
+            output_tokens=sum(c.completion_tokens for c in output.completions),
         )

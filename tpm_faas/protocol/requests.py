@@ -7,26 +7,13 @@ pickles; their sizes are checked against the declaration before anything is deco
 
 from __future__ import annotations
 
-import base64
-import binascii
-import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from tpm_faas.errors import TensorError
-
-#: Bytes per element of every dtype a tensor may declare.
-DTYPE_SIZES: dict[str, int] = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "int64": 8,
-    "int32": 4,
-}
-
-#: No tensor in a request may be larger than this, whatever the policy says.
-MAX_TENSOR_BYTES = 64 * 1024 * 1024
+from tpm_faas.protocol import codec
+from tpm_faas.protocol.codec import FLOAT_DTYPES
 
 ModelRef = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*@[A-Za-z0-9._-]+$")]
 RequestId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
@@ -37,7 +24,11 @@ class Strict(BaseModel):
 
 
 class TensorPayload(Strict):
-    """A tensor: declared ``dtype`` and ``shape``, and its raw bytes in base64."""
+    """A tensor: declared ``dtype`` and ``shape``, and its raw bytes in base64.
+
+    Checked on arrival (:func:`tpm_faas.protocol.codec.check`): the size against the
+    declaration and the text as base64, before anything is decoded.
+    """
 
     dtype: Literal["float32", "float16", "bfloat16", "int64", "int32"]
     shape: list[Annotated[int, Field(ge=1, le=1 << 24)]] = Field(min_length=1, max_length=4)
@@ -45,37 +36,20 @@ class TensorPayload(Strict):
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+        return codec.nbytes(self.dtype, self.shape)
 
     @model_validator(mode="after")
-    def _check_size(self) -> TensorPayload:
-        # Checked on the declaration and the base64 length, before any decoding.
-        if self.nbytes > MAX_TENSOR_BYTES:
-            raise TensorError(
-                f"tensor of shape {self.shape} and dtype {self.dtype} is {self.nbytes} bytes; "
-                f"the limit is {MAX_TENSOR_BYTES}"
-            )
-        expected_b64 = 4 * math.ceil(self.nbytes / 3)
-        if len(self.data) != expected_b64:
-            raise TensorError(
-                f"tensor data is {len(self.data)} base64 characters; shape {self.shape} and "
-                f"dtype {self.dtype} need {expected_b64} ({self.nbytes} bytes)"
-            )
+    def _check(self) -> TensorPayload:
+        codec.check(self.dtype, self.shape, self.data)
         return self
 
     def raw(self) -> bytes:
         """The decoded bytes (length already checked against the declaration)."""
-        try:
-            buf = base64.b64decode(self.data, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise TensorError(f"tensor data is not valid base64: {e}") from e
-        if len(buf) != self.nbytes:
-            raise TensorError(f"tensor data decodes to {len(buf)} bytes, expected {self.nbytes}")
-        return buf
+        return codec.raw(self.model_dump())
 
     @classmethod
     def from_bytes(cls, buf: bytes, dtype: str, shape: list[int]) -> TensorPayload:
-        return cls(dtype=dtype, shape=shape, data=base64.b64encode(buf).decode("ascii"))  # type: ignore[arg-type]
+        return cls.model_validate(codec.encode(buf, dtype, shape))
 
 
 def _prompt_shorthand(data: object) -> object:
@@ -133,7 +107,7 @@ class EmbedRequest(_ModeRequest):
             ("inputs_embeds", self.inputs_embeds),
             ("adapter_input", self.adapter_input),
         ):
-            if t is not None and t.dtype not in ("float32", "bfloat16", "float16"):
+            if t is not None and t.dtype not in FLOAT_DTYPES:
                 raise TensorError(f"{name} must be a floating-point tensor, not {t.dtype}")
         return self
 
@@ -292,20 +266,3 @@ class InterveneRequest(_ModeRequest):
     @classmethod
     def _one_prompt(cls, data: object) -> object:
         return _prompt_shorthand(data)
-
-
-MODE_REQUESTS: dict[str, type[_ModeRequest]] = {
-    "query": QueryRequest,
-    "embed": EmbedRequest,
-    "intervene": InterveneRequest,
-}
-
-
-def json_schema(mode: str) -> str:
-    """The JSON Schema of ``mode``'s requests, as published in ``docs/schemas/``."""
-    import json
-
-    schema = MODE_REQUESTS[mode].model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = f"https://tpm-faas.example/schemas/{mode}.schema.json"
-    return json.dumps(schema, indent=2, sort_keys=True) + "\n"

@@ -29,8 +29,6 @@ from tpm_faas.runtime.model_store import rank_device
 
 log = logging.getLogger(__name__)
 
-#: Ops that run whole on every rank; ``generate`` and ``intervene`` go through the scheduler.
-RANK_OPS = ("embed",)
 #: Scheduler plans every rank runs on its decoder.
 PLANS = ("prefill", "decode", "release")
 
@@ -241,14 +239,19 @@ class _Rank0:
         """Take every message waiting on the socket; ``True`` when told to shut down."""
         import zmq
 
+        from tpm_faas.modes import by_shard_op
+        from tpm_faas.protocol.shard import ShardMessage, parse_body
+
         while sock.poll(self._wait_ms(), zmq.POLLIN):
             frames = sock.recv_multipart()
             ident = frames[0]
             try:
-                msg = json.loads(frames[-1])
-                op = msg.get("op")
-            except ValueError:
-                msg, op = {}, None
+                parsed = parse_body(ShardMessage, json.loads(frames[-1]))
+            except (ValueError, TPMError) as e:
+                err = e if isinstance(e, TPMError) else RequestError(f"unreadable message: {e}")
+                sock.send_multipart([ident, b"", _dumps({"ok": False, "error": err.to_record()})])
+                continue
+            msg, op = parsed.model_dump(), parsed.op
             if op == "shutdown":
                 for key, reply in self.scheduler.abort("the shard group is shutting down"):
                     sock.send_multipart([key, b"", _dumps(reply)])
@@ -257,13 +260,15 @@ class _Rank0:
                 result = {"served": self.served}
                 sock.send_multipart([ident, b"", _dumps({"ok": True, "result": result})])
                 return True
-            if op in ("generate", "intervene"):
-                self.scheduler.submit(
-                    ident,
-                    msg.get("request_id", ""),
-                    msg.get("body") or {},
-                    intervene=op == "intervene",
-                )
+            mode = by_shard_op(op)
+            if mode is not None and mode.scheduled:
+                try:
+                    body = parse_body(mode.shard_body, parsed.body)
+                except TPMError as e:
+                    reply = {"ok": False, "error": e.to_record(parsed.request_id)}
+                    sock.send_multipart([ident, b"", _dumps(reply)])
+                    continue
+                self.scheduler.submit(ident, parsed.request_id, body)
                 continue
             reply = self._answer(op, msg)
             sock.send_multipart([ident, b"", _dumps(reply)])
@@ -281,7 +286,7 @@ class _Rank0:
                 "memory": self.memory,
             }
             return {"ok": True, "result": result}
-        if op not in RANK_OPS:
+        if _whole_mode(op) is None:
             return {"ok": False, "error": RequestError(f"unknown shard op {op!r}").to_record()}
         self.served += 1
         try:
@@ -298,10 +303,19 @@ def _execute(runner: Any, msg: dict[str, Any]) -> Any:
     op = msg["op"]
     if op in PLANS:
         return runner.run_plan(msg)
-    if op not in RANK_OPS:
+    mode = _whole_mode(op)
+    if mode is None:
         raise RequestError(f"unknown shard op {op!r}")
     result: dict[str, Any] = getattr(runner, op)(msg.get("body") or {})
     return result
+
+
+def _whole_mode(op: str) -> Any:
+    """The mode whose op runs whole on every rank (not through the scheduler), or ``None``."""
+    from tpm_faas.modes import by_shard_op
+
+    mode = by_shard_op(op)
+    return mode if mode is not None and not mode.scheduled else None
 
 
 def _recv_broadcast(msg: dict[str, Any] | None) -> dict[str, Any]:

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
 from tpm_faas.errors import LimitExceeded, RequestError, ShardGroupError, TPMError
+from tpm_faas.protocol.shard import InterveneBody, QueryBody, parse_body
 from tpm_faas.tokenizer import ByteTokenizer
 
 Plan = dict[str, Any]
@@ -115,54 +117,57 @@ class Scheduler:
         return len(self._running)
 
     def submit(
-        self, key: Any, request_id: str, body: dict[str, Any], *, intervene: bool = False
+        self,
+        key: Any,
+        request_id: str,
+        body: BaseModel | dict[str, Any],
+        *,
+        intervene: bool = False,
     ) -> None:
-        """Queue a generation request (``intervene``: with the interventions in ``body``,
-        normalised by the gateway); bad settings fail it alone at the next step."""
-        req = _Request(key, request_id, body, time.perf_counter())
-        if intervene:
-            self._serials += 1
-            req.serial = self._serials
+        """Queue a generation request: a :class:`QueryBody`, or an :class:`InterveneBody` (with
+        the interventions the gateway normalised). A plain dict is read as one of them
+        (``intervene`` says which). A body that does not fit fails alone at the next step."""
+        req = _Request(key, request_id, {}, time.perf_counter())
         self._requests.append(req)
         try:
-            req.seqs = list(self._sequences(req))
+            typed: QueryBody | InterveneBody
+            if isinstance(body, QueryBody | InterveneBody):
+                typed = body
+            elif isinstance(body, BaseModel):
+                raise RequestError(f"the scheduler does not run {type(body).__name__}")
+            elif intervene:
+                typed = parse_body(InterveneBody, body)
+            else:
+                typed = parse_body(QueryBody, body)
+            req.body = typed.model_dump()
+            if isinstance(typed, InterveneBody):
+                self._serials += 1
+                req.serial = self._serials
+            req.seqs = list(self._sequences(req, typed))
         except TPMError as e:
             req.error = e
             return
         self._waiting.extend(req.seqs)
 
-    def _sequences(self, req: _Request) -> list[_Sequence]:
-        b = req.body
-        prompts = b.get("prompts")
-        if not isinstance(prompts, list) or not prompts:
-            raise RequestError("'prompts' must be a non-empty list of strings")
-        max_new = int(b.get("max_new_tokens", 0))
-        temperature = float(b.get("temperature", 0.0))
-        top_p = float(b.get("top_p", 1.0))
-        if max_new < (0 if req.serial is not None else 1):
-            raise RequestError(f"max_new_tokens must be at least 1, got {max_new}")
-        if not (temperature >= 0.0 and temperature == temperature):
-            raise RequestError(f"temperature must be >= 0, got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise RequestError(f"top_p must be in (0, 1], got {top_p}")
+    def _sequences(self, req: _Request, b: QueryBody | InterveneBody) -> list[_Sequence]:
         seqs = []
-        for i, prompt in enumerate(prompts):
-            ids = self.tok.encode(str(prompt))
-            if len(ids) + max_new > self.max_len:
+        for i, prompt in enumerate(b.prompts):
+            ids = self.tok.encode(prompt)
+            if len(ids) + b.max_new_tokens > self.max_len:
                 raise LimitExceeded(
-                    f"prompts[{i}] ({len(ids)} tokens) plus max_new_tokens ({max_new}) exceeds "
-                    f"the serving context of {self.max_len} tokens"
+                    f"prompts[{i}] ({len(ids)} tokens) plus max_new_tokens ({b.max_new_tokens}) "
+                    f"exceeds the serving context of {self.max_len} tokens"
                 )
             seqs.append(
                 _Sequence(
                     request=req,
                     index=i,
                     ids=ids,
-                    max_new=max_new,
-                    temperature=temperature,
-                    top_p=top_p,
-                    gen=torch.Generator().manual_seed(int(b.get("seed", 0)) + i),
-                    stop_at_eos=bool(b.get("stop_at_eos", True)),
+                    max_new=b.max_new_tokens,
+                    temperature=b.temperature,
+                    top_p=b.top_p,
+                    gen=torch.Generator().manual_seed(b.seed + i),
+                    stop_at_eos=b.stop_at_eos,
                 )
             )
         return seqs

@@ -5,7 +5,9 @@ cloud:
 
 - :class:`EmbeddedSite`: everything on one machine (real engine, real shard group, SQLite);
 - :func:`write_dev_tokens`, :data:`DEV_USERS`: a dev tokens file for local introspection;
-- :class:`FakeShard`: a shard group that answers typed shard messages without a model;
+- :class:`FakeShard`: a shard group that answers typed shard messages without a model, and
+  :func:`fake_site`: a gateway on real site components (policy, dev tokens, SQLite ledger)
+  whose shard group is a :class:`FakeShard`;
 - :class:`InProcessTransport`: the mode functions called in this process;
 - :class:`LoopbackComputeService`: the Globus Compute web service's routes on loopback, for
   the unmodified SDK ``Executor``.
@@ -22,7 +24,9 @@ _WHERE = {
     "EmbeddedSite": "tpm_faas.testing.embedded",
     "DEV_USERS": "tpm_faas.testing.embedded",
     "write_dev_tokens": "tpm_faas.testing.embedded",
+    "FAKE_MODEL": "tpm_faas.testing.shard",
     "FakeShard": "tpm_faas.testing.shard",
+    "fake_site": "tpm_faas.testing.shard",
     "InProcessTransport": "tpm_faas.testing.transport",
     "LoopbackComputeService": "tpm_faas.testing.loopback",
 }
