@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
 import time
 import uuid
@@ -26,7 +25,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from tpm_faas.config import Settings
+from tpm_faas.config import Settings, settings_key, task_id
 from tpm_faas.errors import (
     ConfigError,
     MalformedRequest,
@@ -132,7 +131,7 @@ class Gateway:
         mode = get_mode(mode_name)
         started = time.time()
         request = parse(mode.request_model, request_json)
-        request_id = request.request_id or os.environ.get("GC_TASK_UUID") or str(uuid.uuid4())
+        request_id = request.request_id or task_id() or str(uuid.uuid4())
         try:
             return self._admit_and_run(mode, request, request_id, token, started)
         except TPMError as e:
@@ -319,12 +318,7 @@ def handle(mode_name: str, request_json: str, token: str | None) -> str:
     The worker's gateway is built from its environment once and kept (per distinct settings).
     """
     try:
-        env = tuple(
-            sorted(
-                (k, v) for k, v in os.environ.items() if k.startswith("TPM_FAAS_") or k == "HOME"
-            )
-        )
-        gateway = _gateway_for(env)
+        gateway = _gateway_for(settings_key())
     except TPMError as e:
         return _error_json(e)
     except Exception as e:  # an unexpected failure: report it without a traceback

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from tpm_faas.client import TPMClient
+from tpm_faas.modes import MODE_NAMES
 from tpm_faas.config import SOURCE_POLICIES, Settings
 from tpm_faas.gateway.ledger import Ledger
 
@@ -32,12 +33,12 @@ class DevUser:
     su: float
 
 
-#: Dev users of ``policies/local-dev.yaml`` and the SU their projects start with.
+#: Dev users of ``policies/local-dev.yaml`` and the SU their projects start with. Every
+#: token carries every mode's scope: the reader's too (the site policy keeps it from embed).
 DEV_USERS: dict[str, DevUser] = {
-    "dev": DevUser("dev@localhost", ("query", "embed", "intervene"), "demo", 100.0),
-    # The reader's token carries every scope; the site policy is what keeps it from embed.
-    "reader": DevUser("reader@localhost", ("query", "embed", "intervene"), "readers", 10.0),
-    "broke": DevUser("broke@localhost", ("query", "embed", "intervene"), "broke", 0.000001),
+    "dev": DevUser("dev@localhost", MODE_NAMES, "demo", 100.0),
+    "reader": DevUser("reader@localhost", MODE_NAMES, "readers", 10.0),
+    "broke": DevUser("broke@localhost", MODE_NAMES, "broke", 0.000001),
 }
 
 
@@ -61,7 +62,7 @@ def write_dev_tokens(path: Path, client_id: str = "local-dev") -> dict[str, str]
 
     for name, user in DEV_USERS.items():
         add(name, user.identity, list(user.scopes), now + timedelta(days=30))
-    add("dev-expired", "dev@localhost", ["query", "embed", "intervene"], now - timedelta(hours=1))
+    add("dev-expired", "dev@localhost", list(MODE_NAMES), now - timedelta(hours=1))
     add("dev-query-only", "dev@localhost", ["query"], now + timedelta(days=30))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump({"client_id": client_id, "tokens": entries}, sort_keys=False))
