@@ -5,6 +5,13 @@ provider. Where the block runs is an :class:`Allocation`: the machine itself
 (``LocalProvider``), or a batch job on a Slurm or PBS Pro cluster (``SlurmProvider``,
 ``PBSProProvider``), on the provider's allocation or on one a user owns ("bring your own").
 The ranks stay warm until :meth:`ShardGroup.stop`, which also ends the batch job.
+
+Starting a group has two clocks. While the batch job waits in the scheduler's queue it is
+*queued*: that can take hours on a busy cluster, so it has no limit unless ``queue_timeout_s``
+sets one. Once the job runs (Parsl reports it running, or a rank joins the rendezvous), the
+ranks start and load their weights, and ``start_timeout_s`` (default
+:data:`START_TIMEOUT_S`) bounds the time until rank 0 answers. Progress goes to ``progress``
+on every change of phase and every :data:`REPORT_EVERY_S` seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ from tpm_faas.shard_client import ShardClient
 
 log = logging.getLogger(__name__)
 
+
+#: Seconds from when a group's job runs until it must serve (ranks started, weights loaded).
+START_TIMEOUT_S = 1800.0
+#: Seconds between "still queued / still loading" progress lines.
+REPORT_EVERY_S = 30.0
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _WALLTIME = re.compile(r"^\d{1,4}:[0-5]\d:[0-5]\d$")
@@ -165,6 +177,9 @@ class ShardGroup:
     :param max_wait_ms: how long an idle group waits for more requests to batch with
     :param allocation: where the block runs (default: this machine)
     :param replica: this group's name among the model's replicas ("" when it is the only one)
+    :param start_timeout_s: seconds from when the job runs until the group serves
+    :param queue_timeout_s: seconds the job may wait in the scheduler's queue (``None``: no
+        limit)
     """
 
     model: str
@@ -176,12 +191,34 @@ class ShardGroup:
     max_wait_ms: float = 0.0
     allocation: Allocation = field(default_factory=Allocation)
     replica: str = ""
+    start_timeout_s: float = START_TIMEOUT_S
+    queue_timeout_s: float | None = None
     _dfk: Any = field(default=None, init=False, repr=False)
+    _executor: Any = field(default=None, init=False, repr=False)
+    #: The scheduler's ids of the group's batch jobs (Parsl blocks), once submitted.
+    job_ids: list[str] = field(default_factory=list, init=False)
+    #: Where each rank ran (rank, host, pid), once the group serves.
+    ranks: list[dict[str, Any]] = field(default_factory=list, init=False)
     _futures: list[Future[Any]] = field(default_factory=list, init=False, repr=False)
     entry: GroupEntry | None = field(default=None, init=False)
 
-    def start(self, *, timeout_s: float = 300.0, progress: Any = None) -> GroupEntry:
-        """Start the ranks and wait until rank 0 answers a ping."""
+    def start(
+        self,
+        *,
+        timeout_s: float | None = None,
+        queue_timeout_s: float | None = None,
+        progress: Any = None,
+    ) -> GroupEntry:
+        """Start the ranks and wait until rank 0 answers a ping, reporting progress.
+
+        :param timeout_s: seconds from when the job runs until the group serves (default
+            :attr:`start_timeout_s`)
+        :param queue_timeout_s: seconds the job may stay queued (default
+            :attr:`queue_timeout_s`; ``None``: no limit)
+        :raises ShardGroupError: a rank exited, the job failed, or a limit passed
+        """
+        load_limit = self.start_timeout_s if timeout_s is None else timeout_s
+        queue_limit = self.queue_timeout_s if queue_timeout_s is None else queue_timeout_s
         require("parsl", "launch")
         from parsl.app.app import python_app
         from parsl.config import Config
@@ -227,6 +264,7 @@ class ShardGroup:
             f"{self.allocation.describe()}",
         )
         self._dfk = DataFlowKernel(config)
+        self._executor = executor
         app = python_app(serve_rank, data_flow_kernel=self._dfk, executors=[executor.label])
         rendezvous = self.run_dir / f"rendezvous-{uuid.uuid4().hex[:12]}"
         self._futures = [
@@ -244,8 +282,8 @@ class ShardGroup:
             )
             for rank in range(self.tp_size)
         ]
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        watch = _StartWatch(self, rendezvous, progress, load_limit, queue_limit)
+        while True:
             for f in self._futures:
                 if f.done():
                     err = f.exception()
@@ -260,14 +298,55 @@ class ShardGroup:
                     raise ShardGroupError("not registered yet")
                 entry = mine[0]
                 ShardClient(entry.address).ping(timeout_s=5)
+                self.ranks = _joined(rendezvous)
                 shutil.rmtree(rendezvous, ignore_errors=True)  # every rank has joined
                 self.entry = entry
-                _say(progress, f"{self.model} is serving at {entry.address} (tp={self.tp_size})")
+                _say(
+                    progress,
+                    f"{self.model} is serving at {entry.address} (tp={self.tp_size}"
+                    f"{', job ' + ', '.join(self.job_ids) if self.job_ids else ''}; "
+                    f"{watch.elapsed()})",
+                )
                 return entry
             except TPMError:
-                time.sleep(0.2)
-        self._cleanup()
-        raise ShardGroupError(f"{self.model} did not start within {timeout_s:.0f} s")
+                pass
+            failure = watch.check()
+            if failure is not None:
+                self._cleanup()
+                raise ShardGroupError(failure)
+            time.sleep(0.2)
+
+    def job_state(self) -> str:
+        """``queued``, ``running`` or ``unknown``: the batch job's state as Parsl last polled it
+        (and, as a side effect, :attr:`job_ids` brought up to date)."""
+        ex = self._executor
+        if ex is None:
+            return "unknown"
+        self.job_ids = [str(j) for j in getattr(ex, "blocks_to_job_id", {}).values()]
+        states = {str(s.state.name) for s in getattr(ex, "status_facade", {}).values()}
+        if "RUNNING" in states:
+            return "running"
+        if states & {"PENDING", "INIT", "HELD"}:
+            return "queued"
+        if states & {"FAILED", "CANCELLED", "COMPLETED", "TIMEOUT", "MISSING"}:
+            return "ended"
+        return "unknown"
+
+    def describe(self) -> dict[str, Any]:
+        """The serving group as JSON: address, job ids, ranks (``tpm-faas launch --json``)."""
+        e = self.entry
+        return {
+            "model": self.model,
+            "replica": self.replica,
+            "address": e.address if e else None,
+            "host": e.host if e else None,
+            "pid": e.pid if e else None,
+            "tp": self.tp_size,
+            "job_ids": list(self.job_ids),
+            "ranks": list(self.ranks),
+            "allocation": self.allocation.describe(),
+            "started_at": e.started_at if e else None,
+        }
 
     def client(self) -> ShardClient:
         if self.entry is None:
@@ -285,7 +364,7 @@ class ShardGroup:
             return False
         return True
 
-    def restart(self, *, timeout_s: float = 300.0, progress: Any = None) -> GroupEntry:
+    def restart(self, *, timeout_s: float | None = None, progress: Any = None) -> GroupEntry:
         """Stop what is left of the group (a dead rank stalls the others) and start it anew."""
         _say(progress, f"restarting {self.model} (tp={self.tp_size})")
         self.stop(timeout_s=10.0)
@@ -311,6 +390,7 @@ class ShardGroup:
         if self._dfk is not None:
             self._dfk.cleanup()
             self._dfk = None
+        self._executor = None
         self.entry = None
 
     def __enter__(self) -> ShardGroup:
@@ -338,6 +418,8 @@ class ReplicaSet:
     allocation: Allocation = field(default_factory=Allocation)
     max_batch: int = 8
     max_wait_ms: float = 0.0
+    start_timeout_s: float = START_TIMEOUT_S
+    queue_timeout_s: float | None = None
     groups: dict[str, ShardGroup] = field(default_factory=dict)
 
     def scale(self, n: int, *, progress: Any = None) -> list[GroupEntry]:
@@ -365,6 +447,8 @@ class ReplicaSet:
                 max_wait_ms=self.max_wait_ms,
                 allocation=self.allocation,
                 replica=name,
+                start_timeout_s=self.start_timeout_s,
+                queue_timeout_s=self.queue_timeout_s,
             )
             _say(progress, f"scaling out: starting replica {name} of {self.model}")
             group.start(progress=progress)
@@ -383,6 +467,79 @@ class ReplicaSet:
 
     def stop(self) -> None:
         self.scale(0)
+
+
+def _joined(rendezvous: Path) -> list[dict[str, Any]]:
+    """The ranks that joined the rendezvous so far: rank, host, pid."""
+    import json
+
+    out = []
+    for f in sorted(rendezvous.glob("rank-*.json")):
+        try:
+            raw = json.loads(f.read_text())
+        except (OSError, ValueError):  # being written
+            continue
+        out.append({"rank": raw.get("rank"), "host": raw.get("host"), "pid": raw.get("pid")})
+    return sorted(out, key=lambda r: int(r["rank"] or 0))
+
+
+class _StartWatch:
+    """The two clocks of a start (queued, then starting) and the progress lines about them."""
+
+    def __init__(
+        self,
+        group: ShardGroup,
+        rendezvous: Path,
+        progress: Any,
+        load_limit: float,
+        queue_limit: float | None,
+    ) -> None:
+        self.group, self.rendezvous, self.progress = group, rendezvous, progress
+        self.load_limit, self.queue_limit = load_limit, queue_limit
+        self.t0 = time.monotonic()
+        self.running_since: float | None = None
+        self.phase = ""
+        self.reported = 0.0
+
+    def elapsed(self) -> str:
+        now = time.monotonic()
+        if self.running_since is None:
+            return f"{now - self.t0:.0f} s"
+        queued = self.running_since - self.t0
+        return f"{queued:.0f} s queued, {now - self.running_since:.0f} s starting"
+
+    def check(self) -> str | None:
+        """Report a new phase (or a periodic line); the failure message once a limit passed."""
+        g, now = self.group, time.monotonic()
+        state = g.job_state()
+        jobs = ", ".join(g.job_ids) or "not submitted yet"
+        joined = len(_joined(self.rendezvous))
+        if state == "ended" and not joined:
+            return f"the batch job of {g.model} ({jobs}) ended before any rank started"
+        if self.running_since is None and (state == "running" or joined):
+            self.running_since = now
+        if self.running_since is None:
+            phase = f"queued: job {jobs} waits for {g.allocation.describe()}"
+            if self.queue_limit is not None and now - self.t0 > self.queue_limit:
+                return (
+                    f"{g.model}: job {jobs} was still queued after {self.queue_limit:.0f} s "
+                    "(the queue timeout)"
+                )
+        else:
+            if joined < g.tp_size:
+                phase = f"job {jobs} running: {joined}/{g.tp_size} ranks started"
+            else:
+                phase = f"{g.tp_size} rank(s) loading weights"
+            if now - self.running_since > self.load_limit:
+                return (
+                    f"{g.model} did not serve within {self.load_limit:.0f} s of its job "
+                    f"starting ({phase}; the start timeout)"
+                )
+        if phase != self.phase or now - self.reported >= REPORT_EVERY_S:
+            still = "still " if phase == self.phase else ""
+            _say(self.progress, f"{still}{phase} ({self.elapsed()})")
+            self.phase, self.reported = phase, now
+        return None
 
 
 def _say(progress: Any, msg: str) -> None:

@@ -3,18 +3,23 @@
 Default deny: a caller matched by no group is refused. The first group that matches the
 caller (by identity, username domain, Globus group, or membership of a project the file
 lists) and allows the mode and model decides. The file is a YAML document validated into
-frozen pydantic models (unknown keys rejected with their path; JSON Schema in
-``policies/schema.json``); its sha256 goes with every decision. :class:`PolicyStore` reloads
-a changed file and swaps the whole policy at once, keeping the old one if the new is invalid.
+frozen pydantic models (unknown keys rejected with their path and the closest known key;
+JSON Schema in ``policies/schema.json``); its sha256 goes with every decision, and
+:meth:`Policy.explain` says which group decides for a caller and why. :class:`PolicyStore`
+reloads a changed file and swaps the whole policy at once, keeping the old one if the new is
+invalid.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import math
 import os
 import threading
+import types
+import typing
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -178,9 +183,7 @@ class Policy:
         try:
             data = PolicyFile.model_validate(raw)
         except ValidationError as e:
-            where = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-            )
+            where = "; ".join(_describe(err) for err in e.errors())
             raise ConfigError(f"policy file {source} is invalid: {where}") from e
         for g in data.groups:
             if g.tier not in data.tiers:
@@ -230,6 +233,57 @@ class Policy:
             raise PolicyDenied(f"the {mode!r} mode is not allowed for your groups ({names})")
         raise PolicyDenied(f"model {model} is not allowed for your groups ({names})")
 
+    def explain(self, caller: Caller, *, mode: str, model: str) -> Explanation:
+        """Every group's verdict on ``caller`` for ``mode`` on ``model``, and the decision
+        (or why the caller is denied), without raising."""
+        matched = self.matching(caller)
+        verdicts = []
+        for g in self.data.groups:
+            if g not in matched:
+                verdicts.append(GroupVerdict(g.name, False, False, "does not match"))
+            elif mode in g.modes and model in g.models:
+                verdicts.append(GroupVerdict(g.name, True, True, "allows"))
+            else:
+                why = f"matches but does not allow {mode!r} on {model}"
+                verdicts.append(GroupVerdict(g.name, True, False, why))
+        try:
+            decision: Decision | None = self.decide(caller, mode=mode, model=model)
+            denied = None
+        except PolicyDenied as e:
+            decision, denied = None, e.message
+        return Explanation(caller, mode, model, verdicts, decision, denied)
+
+    def summary(self) -> dict[str, typing.Any]:
+        """What the file grants, as JSON (``tpm-faas policy check --json``)."""
+        d = self.data
+        return {
+            "source": self.source,
+            "sha256": self.sha256,
+            "default": d.default,
+            "tiers": dict(d.tiers),
+            "models": sorted(d.models),
+            "projects": sorted(d.projects),
+            "groups": [
+                {
+                    "name": g.name,
+                    "modes": list(g.modes),
+                    "models": list(g.models),
+                    "project": g.allocation,
+                    "tier": g.tier,
+                    "write": g.limits.write,
+                }
+                for g in d.groups
+            ],
+            "warnings": self.warnings(),
+        }
+
+    def warnings(self) -> list[str]:
+        """Valid but probably not meant: models a group allows that have no SU rates."""
+        missing = sorted({m for g in self.data.groups for m in g.models} - set(self.data.models))
+        if not missing:
+            return []
+        return [f"no SU rates for {', '.join(missing)} (requests will be refused)"]
+
     def matching(self, caller: Caller) -> list[Group]:
         """The groups that match ``caller``, in file order."""
         return [g for g in self.data.groups if self._matches(g.match, caller)]
@@ -246,6 +300,99 @@ class Policy:
             if p is not None and (names & set(p.members) or caller.groups & set(p.globus_groups)):
                 return True
         return False
+
+
+@dataclass(frozen=True)
+class GroupVerdict:
+    """What one group of the file says about a caller (see :meth:`Policy.explain`)."""
+
+    group: str
+    matches: bool
+    allows: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The decision a policy makes for a caller, a mode and a model, and why."""
+
+    caller: Caller
+    mode: str
+    model: str
+    groups: list[GroupVerdict]
+    decision: Decision | None
+    denied: str | None
+
+    def record(self) -> dict[str, typing.Any]:
+        d = self.decision
+        return {
+            "caller": self.caller.username or self.caller.identity,
+            "mode": self.mode,
+            "model": self.model,
+            "groups": [
+                {"group": v.group, "matches": v.matches, "allows": v.allows, "why": v.why}
+                for v in self.groups
+            ],
+            "admit": d is not None,
+            "denied": self.denied,
+            "decision": None
+            if d is None
+            else {
+                "group": d.group,
+                "project": d.project,
+                "tier": d.tier,
+                "multiplier": d.multiplier,
+                "limits": d.limits.model_dump(),
+                "rates": d.rates.model_dump(),
+            },
+        }
+
+
+def _describe(err: typing.Any) -> str:
+    """One validation error as ``path: message``; an unknown key names the closest known one."""
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc)
+    if err["type"] != "extra_forbidden" or not loc:
+        return f"{where}: {err['msg']}"
+    known = _known_keys(loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f"{where}: unknown key {loc[-1]!r}; did you mean {close[0]!r}?"
+    return f"{where}: unknown key {loc[-1]!r} (known: {', '.join(known)})"
+
+
+def _known_keys(loc: tuple[typing.Any, ...]) -> list[str]:
+    """The keys the policy file accepts at ``loc`` (a validation error's location)."""
+    node: typing.Any = PolicyFile
+    for part in loc:
+        node = _child(node, part)
+        if node is None:
+            return []
+    model = _model_of(node)
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_of(node: typing.Any) -> type[BaseModel] | None:
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return node
+    if typing.get_origin(node) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(node):
+            if (m := _model_of(arg)) is not None:
+                return m
+    return None
+
+
+def _child(node: typing.Any, part: typing.Any) -> typing.Any:
+    model = _model_of(node)
+    if model is not None:
+        field = model.model_fields.get(str(part))
+        return None if field is None else field.annotation
+    origin, args = typing.get_origin(node), typing.get_args(node)
+    if origin is list and args:
+        return args[0]
+    if origin is dict and len(args) == 2:
+        return args[1]
+    return None
 
 
 class PolicyStore:

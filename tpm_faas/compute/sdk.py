@@ -10,6 +10,10 @@
 
 ``local_services=True`` points the SDK at the loopback stand-in
 (:mod:`tpm_faas.testing.loopback`, ``http://localhost:5000``, no Globus Auth).
+
+The client :func:`compute_client` builds bounds each HTTP request
+(:func:`tpm_faas.globus_auth.short_timeouts`), so ``tpm-faas register`` without a network
+fails in seconds.
 """
 
 from __future__ import annotations
@@ -23,30 +27,51 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from tpm_faas.errors import ConfigError
+from tpm_faas.errors import AuthError, ConfigError
 
 MODES = ("query", "embed", "intervene")
 CODE_SERIALIZER = "globus_compute_sdk.serialize.PureSourceTextInspect"
 DATA_SERIALIZER = "globus_compute_sdk.serialize.JSONData"
 
 
-def compute_client(*, local_services: bool = False) -> Any:
-    """A ``globus_compute_sdk.Client`` that sends code as source text and data as JSON.
+def compute_client(*, local_services: bool = False, interactive: bool = True) -> Any:
+    """A ``globus_compute_sdk.Client`` that sends code as source text and data as JSON, with
+    short network timeouts; it checks the service's version before it is returned.
 
-    ``local_services``: the loopback stand-in on localhost:5000, with no Globus Auth.
+    :param local_services: the loopback stand-in on localhost:5000, with no Globus Auth
+    :param interactive: whether a person can answer a login prompt; if not, and there is
+        no stored login (nor ``GLOBUS_COMPUTE_CLIENT_ID``/``_SECRET``), :class:`AuthError`
     """
+    import globus_sdk
     from globus_compute_sdk import Client
     from globus_compute_sdk.serialize import JSONData, PureSourceTextInspect
+
+    from tpm_faas.globus_auth import short_timeouts
 
     kw: dict[str, Any] = {
         "code_serialization_strategy": PureSourceTextInspect(),
         "data_serialization_strategy": JSONData(),
+        "do_version_check": False,  # below, once the timeouts are set
     }
     if local_services:
-        import globus_sdk
-
-        return Client(local_compute_services=True, authorizer=globus_sdk.NullAuthorizer(), **kw)
-    return Client(**kw)
+        client = Client(local_compute_services=True, authorizer=globus_sdk.NullAuthorizer(), **kw)
+    else:
+        client = Client(**kw)
+    # The SDK builds these clients itself: setting their transports is the only way to bound
+    # them (the web service's, and the app's login client that fetches and refreshes tokens).
+    web = getattr(client, "_compute_web_client", None)
+    short_timeouts(getattr(web, "v2", None), getattr(web, "v3", None))
+    app = client.app
+    if app is not None:
+        short_timeouts(getattr(app, "_login_client", None))
+        if not interactive and isinstance(app, globus_sdk.UserApp) and app.login_required():
+            raise AuthError(
+                "not logged in to Globus Compute, and no terminal to log in from: run "
+                "`globus-compute-endpoint login` first, or set GLOBUS_COMPUTE_CLIENT_ID and "
+                "GLOBUS_COMPUTE_CLIENT_SECRET"
+            )
+    client.version_check()
+    return client
 
 
 @dataclass

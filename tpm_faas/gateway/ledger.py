@@ -18,6 +18,12 @@ database file rather than in SQLite's sleep-and-retry busy handler. Locks: a hol
 project's balance row and inserts a new hold row; a post or void locks the hold row, then the
 balance row; so no two transactions wait on each other in a cycle. :meth:`Ledger.reconcile`
 checks that the running sums equal the sums of the transfers.
+
+A ledger that cannot be opened is one error naming it: :class:`~tpm_faas.errors.ConfigError`
+for a SQLite file in a directory that does not exist or a URL that names no database
+SQLAlchemy knows, :class:`~tpm_faas.errors.LedgerError` for a server that does not answer
+(PostgreSQL is given :data:`CONNECT_TIMEOUT_S` to accept a connection). Either names the URL
+without its password (:func:`safe_url`).
 """
 
 from __future__ import annotations
@@ -38,9 +44,19 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from tpm_faas.errors import DuplicateRequest, InsufficientFunds, LedgerError, RateLimited
+from tpm_faas.errors import (
+    ConfigError,
+    DuplicateRequest,
+    InsufficientFunds,
+    LedgerError,
+    RateLimited,
+)
 
 _NS = uuid.UUID("6f1c1f8e-3c1d-4a8e-9a51-6d2f9e0b7a10")
+
+#: Seconds a PostgreSQL server has to accept a connection (``connect_timeout`` in the URL's
+#: query overrides it): an unreachable ledger fails in seconds, not after the OS gives up.
+CONNECT_TIMEOUT_S = 5
 
 metadata = sa.MetaData()
 
@@ -72,6 +88,8 @@ transfers = sa.Table(
     sa.Column("mode", sa.String(16), nullable=False, server_default=""),
     sa.Column("identity", sa.String(256), nullable=False, server_default=""),
     sa.Column("created_at", sa.Float, nullable=False),
+    # Why an allocation changed (``tpm-faas ledger credit --note``); empty for charges.
+    sa.Column("note", sa.String(512), nullable=False, server_default=""),
     sa.Index("ix_transfers_project", "project"),
 )
 
@@ -167,6 +185,14 @@ def transfer_id(request_id: str, phase: str) -> str:
     return str(uuid.uuid5(_NS, f"{request_id}\x00{phase}"))
 
 
+def safe_url(url: str) -> str:
+    """``url`` with its password masked, for messages and logs."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<not a database URL>"
+
+
 def to_su(micro: int) -> float:
     """Micro-SU as SU, for display only."""
     return micro / 1_000_000
@@ -215,12 +241,19 @@ class Ledger:
         self._clock = clock
         self.engine: Engine = _make_engine(url)
         self._writer = _WriterLock(url)
-        with self._writer:  # several workers may open a new ledger at once
-            try:
-                metadata.create_all(self.engine)
-            except sa.exc.SQLAlchemyError:  # another process created it first (PostgreSQL)
-                metadata.create_all(self.engine)
-        self._migrate()
+        try:
+            with self._writer:  # several workers may open a new ledger at once
+                try:
+                    metadata.create_all(self.engine)
+                except sa.exc.OperationalError:
+                    raise
+                except sa.exc.SQLAlchemyError:  # another process created it first (PostgreSQL)
+                    metadata.create_all(self.engine)
+            self._migrate()
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
+            self.engine.dispose()
+            self._writer.close()
+            raise LedgerError(f"cannot open the ledger {safe_url(url)}: {_reason(e)}") from e
         d = self.engine.dialect
         self._reserve_sql, self._insert_hold_sql = _Sql(_RESERVE, d), _Sql(_INSERT_HOLD, d)
         self._transfers_sql, self._settle_sql = _Sql(_INSERT_TRANSFERS, d), _Sql(_SETTLE, d)
@@ -229,7 +262,12 @@ class Ledger:
     def _migrate(self) -> None:
         """Bring a ledger made by an earlier tpm_faas up to this schema."""
         cols = {c["name"] for c in sa.inspect(self.engine).get_columns("holds")}
+        transfer_cols = {c["name"] for c in sa.inspect(self.engine).get_columns("transfers")}
         with self._tx() as c:
+            if "note" not in transfer_cols:
+                c.exec_driver_sql(
+                    "ALTER TABLE transfers ADD COLUMN note VARCHAR(512) NOT NULL DEFAULT ''"
+                )
             if "finished_at" not in cols:
                 c.exec_driver_sql("ALTER TABLE holds ADD COLUMN finished_at FLOAT")
                 c.execute(holds.update().values(finished_at=holds.c.created_at))
@@ -277,21 +315,34 @@ class Ledger:
             yield conn
 
     # -- allocations --------------------------------------------------------------------
-    def credit(self, project: str, amount_micro: int, *, reference: str | None = None) -> bool:
+    def credit(
+        self,
+        project: str,
+        amount_micro: int,
+        *,
+        reference: str | None = None,
+        note: str = "",
+        identity: str = "",
+    ) -> bool:
         """Add ``amount_micro`` to ``project``'s allocation (creating the project).
 
-        ``reference`` makes the credit idempotent: the same reference credits once. Returns
-        whether this call credited.
+        ``reference`` makes the credit idempotent: the same reference credits once (the
+        transfer's id is :func:`transfer_id` of it and ``"credit"``). ``note`` says why and
+        ``identity`` who; both are kept on the transfer. Returns whether this call credited.
         """
         if amount_micro <= 0:
             raise LedgerError("a credit must be positive")
+        if len(note) > 512:
+            raise LedgerError("a credit's note is at most 512 characters")
         ref = reference or f"credit:{uuid.uuid4()}"
         now = self._clock()
         with self._tx() as c:
             self._ensure_project(c, project, now)
             try:
                 with c.begin_nested():
-                    self._transfers(c, ref, project, [("credit", amount_micro)], "", "", now)
+                    self._transfers(
+                        c, ref, project, [("credit", amount_micro)], "", identity, now, note=note
+                    )
             except IntegrityError:
                 return False  # already credited under this reference
             c.execute(
@@ -307,6 +358,30 @@ class Ledger:
         if row is None:
             return Balance(project, 0, 0, 0)
         return Balance(project, int(row.credited), int(row.charged), int(row.held))
+
+    def balances(self, project: str | None = None) -> list[Balance]:
+        """Every project's balance (or ``project``'s, if it exists), by project name."""
+        q = sa.select(balances).order_by(balances.c.project)
+        if project is not None:
+            q = q.where(balances.c.project == project)
+        with self._read() as c:
+            return [
+                Balance(r.project, int(r.credited), int(r.charged), int(r.held))
+                for r in c.execute(q)
+            ]
+
+    def credits(self, project: str | None = None) -> list[dict[str, Any]]:
+        """Every credit transfer (id, project, amount, note, identity, time), oldest first."""
+        t = transfers.c
+        q = (
+            sa.select(t.id, t.project, t.request_id, t.amount, t.note, t.identity, t.created_at)
+            .where(t.kind == "credit")
+            .order_by(t.created_at)
+        )
+        if project is not None:
+            q = q.where(t.project == project)
+        with self._read() as c:
+            return [dict(r._mapping) for r in c.execute(q)]
 
     # -- two-phase charging -------------------------------------------------------------
     def hold(
@@ -638,6 +713,7 @@ class Ledger:
         identity: str,
         now: float,
         attempt: int = 1,
+        note: str = "",
     ) -> None:
         self._transfers_sql.run_many(
             c,
@@ -651,6 +727,7 @@ class Ledger:
                     "mode": mode,
                     "identity": identity,
                     "created_at": now,
+                    "note": note,
                 }
                 for kind, amount in parts
             ],
@@ -705,10 +782,34 @@ class _WriterLock:
         self._fd = None
 
 
+def _reason(e: sa.exc.DBAPIError) -> str:
+    """The driver's own first line (``connection refused``, ``unable to open database file``)."""
+    text = str(e.orig if e.orig is not None else e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _make_engine(url: str) -> Engine:
-    if not url.startswith("sqlite"):
-        return sa.create_engine(url, pool_pre_ping=True)
-    engine = sa.create_engine(url, connect_args={"timeout": 30, "isolation_level": None})
+    try:
+        u = sa.engine.make_url(url)
+    except sa.exc.ArgumentError as e:  # not echoed: it may hold a password
+        raise ConfigError("the ledger URL (TPM_FAAS_LEDGER) is not a database URL") from e
+    sqlite = u.get_backend_name() == "sqlite"
+    if sqlite and u.database and u.database != ":memory:" and not u.database.startswith("file:"):
+        parent = Path(u.database).parent
+        if not parent.is_dir():
+            raise ConfigError(
+                f"no ledger at {u.database}: the directory {parent} does not exist "
+                "(is TPM_FAAS_HOME or TPM_FAAS_LEDGER right?)"
+            )
+    try:
+        if not sqlite:
+            connect_args: dict[str, Any] = {}
+            if u.get_backend_name() == "postgresql" and "connect_timeout" not in u.query:
+                connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+            return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "isolation_level": None})
+    except (sa.exc.ArgumentError, ImportError) as e:
+        raise ConfigError(f"cannot use the ledger {safe_url(url)}: {e}") from e
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
