@@ -18,7 +18,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/tpm-faas demo
 
+# Services the tests use (PostgreSQL, RabbitMQ, Slurm) are started first when this machine
+# can; the script never fails, and a test whose service is missing skips with a reason.
 test: $(STAMP)
+	scripts/services-up.sh
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
