@@ -7,13 +7,20 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from tpm_faas.cli import main
-from tpm_faas.client import Result, decode_array, encode_array, load_results_file
+from tpm_faas.client import (
+    Result,
+    decode_array,
+    encode_array,
+    load_results_file,
+    parse_reply,
+)
 from tpm_faas.errors import LimitExceeded, RequestError
 from tpm_faas.gateway.results import offload, payloads, read_tensors, resolve
 from tpm_faas.modes import json_schema
@@ -65,13 +72,19 @@ def test_published_schemas_are_current(mode: str) -> None:
 
 def _output(rows: int) -> dict[str, object]:
     a = np.arange(rows * 64, dtype=np.float32).reshape(rows, 64)
+    run = {"token_ids": [], "prompt_tokens": rows, "completion_tokens": 0}
     return {
         "results": [
             {
+                **run,
                 "text": "x",
                 "saved": {"embed": {"positions": list(range(rows)), "tensor": encode_array(a)}},
             },
-            {"text": "y", "saved": {"embed": {"positions": [0], "tensor": encode_array(a[:1])}}},
+            {
+                **run,
+                "text": "y",
+                "saved": {"embed": {"positions": [0], "tensor": encode_array(a[:1])}},
+            },
         ]
     }
 
@@ -92,7 +105,7 @@ def test_large_results_go_by_reference_and_load_back(tmp_path: Path) -> None:
     assert (tmp_path / ref["name"]).stat().st_mode & 0o777 == 0o600  # its writer's alone
     assert hashlib.sha256((tmp_path / ref["name"]).read_bytes()).hexdigest() == ref["sha256"]
     assert payloads(out) == []  # no inline data left
-    r = Result("req", "intervene", out, {}, {}, raw={})
+    r = _result("req", out)
     for i in (0, 1):
         got = r.saved_for(i)["embed"]
         want = decode_array(inline["results"][i]["saved"]["embed"]["tensor"])
@@ -114,10 +127,35 @@ def test_a_tampered_results_file_is_refused(tmp_path: Path) -> None:
         load_results_file({**out["tensors_ref"], "uri": "file:///nonexistent/x"}, moved)
 
 
+def _result(request_id: str, output: dict[str, Any]) -> Result:
+    """``output`` as the client reads it from an intervene reply."""
+    receipt = {
+        "request_id": request_id,
+        "model": "demo-tpm@1",
+        "checkpoint_sha256": "0" * 64,
+        "request_sha256": "0" * 64,
+        "dtype": "float32",
+        "tp_size": 1,
+        "policy_sha256": "0" * 64,
+        "versions": {},
+        "issued_at": 0.0,
+    }
+    reply = {
+        "ok": True,
+        "request_id": request_id,
+        "mode": "intervene",
+        "model": "demo-tpm@1",
+        "output": output,
+        "usage": {},
+        "receipt": receipt,
+    }
+    return parse_reply(json.dumps(reply))
+
+
 def _offloaded(tmp_path: Path, request_id: str = "req-9", owner: str = "alice") -> Result:
     out = _output(100)
     offload(out, request_id, tmp_path, limit=16, owner=owner)
-    return Result(request_id, "intervene", out, {}, {}, raw={})
+    return _result(request_id, out)
 
 
 def test_an_earlier_result_is_read_back_by_reference_for_its_owner(tmp_path: Path) -> None:
@@ -212,7 +250,7 @@ def test_result_references_are_refused_clearly(tmp_path: Path) -> None:
     path.write_bytes(good)
     assert read_tensors(tmp_path, ref.result, ref.sha256, [key], owners, 1 << 20)[key].nbytes
     with pytest.raises(ValueError, match="inline"):
-        Result("r", "intervene", _output(2), {}, {}, raw={}).saved_ref("embed")
+        _result("r", _output(2)).saved_ref("embed")
     with pytest.raises(KeyError, match="saved: embed"):
         r.saved_ref("ln_final")
 

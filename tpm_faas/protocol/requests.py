@@ -24,11 +24,9 @@ class Strict(BaseModel):
 
 
 class TensorPayload(Strict):
-    """A tensor: declared ``dtype`` and ``shape``, and its raw bytes in base64.
-
-    Checked on arrival (:func:`tpm_faas.protocol.codec.check`): the size against the
-    declaration and the text as base64, before anything is decoded.
-    """
+    """A tensor: declared ``dtype`` and ``shape``, and its raw little-endian bytes in standard
+    base64 ('=' padding at the end only); size and text are checked before anything is
+    decoded."""
 
     dtype: Literal["float32", "float16", "bfloat16", "int64", "int32"]
     shape: list[Annotated[int, Field(ge=1, le=1 << 24)]] = Field(min_length=1, max_length=4)
