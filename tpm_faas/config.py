@@ -185,3 +185,17 @@ def restore_process_env(saved: Mapping[str, str | None]) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def task_id(env: Mapping[str, str] | None = None) -> str | None:
+    """The Globus Compute task this worker runs (``GC_TASK_UUID``, set by the endpoint's
+    worker for each task), if any: the default request id."""
+    e = os.environ if env is None else env
+    return e.get("GC_TASK_UUID") or None
+
+
+def settings_key(env: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+    """The part of the environment :meth:`Settings.from_env` reads (``TPM_FAAS_*`` and
+    ``HOME``), as a hashable key: a worker keeps one gateway per distinct key."""
+    e = os.environ if env is None else env
+    return tuple(sorted((k, v) for k, v in e.items() if k.startswith("TPM_FAAS_") or k == "HOME"))

@@ -23,16 +23,27 @@ import typing
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from tpm_faas.errors import ConfigError, LimitExceeded, PolicyDenied
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["query", "embed", "intervene"]
+
+def _known_mode(name: str) -> str:
+    # The registry of modes (tpm_faas.modes) sits above this module: read at validation time.
+    from tpm_faas.modes import MODE_NAMES
+
+    if name not in MODE_NAMES:
+        raise ValueError(f"unknown mode {name!r} (one of {', '.join(MODE_NAMES)})")
+    return name
+
+
+#: A mode's name, checked against the registry of modes.
+Mode = Annotated[str, AfterValidator(_known_mode)]
 
 
 class _Frozen(BaseModel):
@@ -434,7 +445,10 @@ def json_schema() -> str:
     """The JSON Schema of policy files (``policies/schema.json``)."""
     import json
 
+    from tpm_faas.modes import MODE_NAMES
+
     schema = PolicyFile.model_json_schema()
+    schema["$defs"]["Group"]["properties"]["modes"]["items"]["enum"] = list(MODE_NAMES)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "tpm_faas site policy"
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"

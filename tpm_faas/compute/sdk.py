@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from tpm_faas.errors import AuthError, ConfigError
+from tpm_faas.modes import MODE_NAMES as MODES
 
-MODES = ("query", "embed", "intervene")
 CODE_SERIALIZER = "globus_compute_sdk.serialize.PureSourceTextInspect"
 DATA_SERIALIZER = "globus_compute_sdk.serialize.JSONData"
 

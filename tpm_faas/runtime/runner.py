@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from tpm_faas._extras import require
 from tpm_faas.errors import RequestError, TensorError
+from tpm_faas.protocol.shard import EmbedBody, parse_body
 from tpm_faas.registry import ModelInfo
 from tpm_faas.runtime import model_store
 from tpm_faas.runtime.interventions import DTYPES, Heads, decode_tensor, encode_tensor
@@ -140,14 +141,16 @@ class ModelRunner:
 
     # -- embed -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def embed(self, body: dict[str, Any]) -> dict[str, Any]:
-        if body.get("inputs_embeds") is not None:
-            x = decode_tensor(body["inputs_embeds"]).float()
+    def embed(self, message: dict[str, Any]) -> dict[str, Any]:
+        body = parse_body(EmbedBody, message)
+        if body.inputs_embeds is not None:
+            x = decode_tensor(body.inputs_embeds.model_dump()).float()
         else:
-            adapter = self.extras.get(f"adapters.{body['adapter']}")
+            assert body.adapter_input is not None  # EmbedBody: one input or the other
+            adapter = self.extras.get(f"adapters.{body.adapter}")
             if adapter is None:
-                raise RequestError(f"unknown adapter {body['adapter']!r}")
-            x = adapter(decode_tensor(body["adapter_input"]).float())
+                raise RequestError(f"unknown adapter {body.adapter!r}")
+            x = adapter(decode_tensor(body.adapter_input.model_dump()).float())
         if x.dim() == 2:
             x = x.unsqueeze(0)
         if x.dim() != 3 or x.shape[-1] != self.info.hidden_size:
@@ -157,16 +160,16 @@ class ModelRunner:
         core = self.model.base_model  # the decoder stack of the *ForCausalLM
         hidden = core(inputs_embeds=x.to(self.device, self.dtype)).last_hidden_state
         hidden = hidden.float()
-        pooled = hidden.mean(dim=1) if body["pooling"] == "mean" else hidden[:, -1]
+        pooled = hidden.mean(dim=1) if body.pooling == "mean" else hidden[:, -1]
         result: dict[str, Any] = {
             "input_tokens": int(x.shape[0] * x.shape[1]),
-            "pooling": body["pooling"],
+            "pooling": body.pooling,
         }
-        if body.get("head"):
-            head = self.extras.get(f"heads.{body['head']}")
+        if body.head:
+            head = self.extras.get(f"heads.{body.head}")
             if head is None:
-                raise RequestError(f"unknown head {body['head']!r}")
-            result["head"] = body["head"]
+                raise RequestError(f"unknown head {body.head!r}")
+            result["head"] = body.head
             result["output"] = encode_tensor(head(pooled))
         else:
             result["output"] = encode_tensor(pooled)
