@@ -38,7 +38,10 @@ GLOBAL_SITES = ("embed", "ln_final", "unembed")
 #: Architectures whose forward pass the runtime maps onto these sites.
 ARCHITECTURES = ("llama", "gpt2")
 
-_BLOCK_NAME = re.compile(r"^blocks\.(\d{1,5})\.(" + "|".join(map(re.escape, BLOCK_SITES)) + r")$")
+# One spelling per site: ASCII digits, no leading zero (\d would take any Unicode digit).
+_BLOCK_NAME = re.compile(
+    r"blocks\.(0|[1-9][0-9]{0,4})\.(" + "|".join(map(re.escape, BLOCK_SITES)) + r")"
+)
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def parse_site(name: str, m: ModelShape) -> Site:
     """The site a full name denotes, checked against the model."""
     if name in GLOBAL_SITES:
         return Site(-1, name)
-    match = _BLOCK_NAME.match(name)
+    match = _BLOCK_NAME.fullmatch(name)
     if match is None:
         raise RequestError(f"unknown hook site {name!r}; see `tpm-faas sites MODEL`")
     layer = int(match.group(1))

@@ -63,9 +63,7 @@ def test_query_success_path(site: Site) -> None:
     assert call.body["prompts"] == ["And God said", "In the beginning"]
     assert "model" not in call.body and "request_id" not in call.body
     # The receipt pins the request, the checkpoint, the policy and the versions.
-    request = parse(
-        MODES["query"].request_model, json.dumps({**call.body, "model": "demo-tpm@1"})
-    )
+    request = parse(MODES["query"].request_model, json.dumps({**call.body, "model": "demo-tpm@1"}))
     assert r.receipt.request_sha256 == request_hash(request)
     assert r.receipt.checkpoint_sha256 == FAKE_MODEL.checkpoint_sha256
     assert r.receipt.tp_size == 1 and r.receipt.seed == 0
@@ -129,9 +127,11 @@ def test_large_results_go_by_reference_and_read_back(tmp_path: Path) -> None:
     before = _charged(gw)
     r = _lens_and_save(site)
     ref = r.output.tensors_ref
-    assert ref is not None and "data" not in r.raw["output"]["results"][0]["saved"][
-        "blocks.1.hook_resid_post"
-    ]["tensor"]
+    assert (
+        ref is not None
+        and "data"
+        not in r.raw["output"]["results"][0]["saved"]["blocks.1.hook_resid_post"]["tensor"]
+    )
     path = gw.settings.results_dir / ref.name
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_size == ref.bytes
     assert r.saved["blocks.3.hook_resid_post"].shape == (13, FAKE_MODEL.hidden_size)
@@ -221,3 +221,62 @@ def test_a_retried_request_is_charged_once(site: Site) -> None:
 def test_an_unknown_mode_is_a_clean_refusal(site: Site) -> None:
     reply = json.loads(InProcessTransport(site[0]).submit("train", "{}", None).result())
     assert reply["error"]["code"] == "bad_request" and "one of query" in reply["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "body", "code"),
+    [
+        ("query", "[" * 1100 + "]" * 1100, "malformed_json"),
+        ("query", '{"model": "demo-tpm@1", "prompts": ' + "[" * 1100 + "]" * 1100 + "}", ""),
+        (
+            "intervene",
+            '{"model":"demo-tpm@1","prompt":"x","ops":[{"op":"save","site":'
+            + "[" * 5000
+            + "]" * 5000
+            + "}]}",
+            "",
+        ),
+        (
+            "embed",
+            json.dumps(
+                {
+                    "model": "demo-tpm@1",
+                    "inputs_embeds": {"dtype": "float32", "shape": [1, 2, 256], "data": "!" * 2732},
+                }
+            ),
+            "bad_tensor",
+        ),
+        (
+            "embed",
+            json.dumps(
+                {
+                    "model": "demo-tpm@1",
+                    "inputs_embeds": {
+                        "dtype": "float32",
+                        "shape": [1, 2, 256],
+                        "data": "A" * 1364 + "=" + "A" * 1367,
+                    },
+                }
+            ),
+            "bad_tensor",
+        ),
+    ],
+)
+def test_hostile_bodies_are_refused_before_the_shard(
+    site: Site, mode: str, body: str, code: str
+) -> None:
+    """Deep nesting and undecodable base64 of the right length (issue 12, defects 1 and 2)."""
+    gw, tokens, shard = site
+    reply = json.loads(InProcessTransport(gw).submit(mode, body, tokens["dev"]).result())
+    assert reply["ok"] is False and reply["error"]["layer"] == "request", reply
+    assert code in reply["error"]["code"]
+    assert shard.calls == [] and gw.ledger.open_holds() == []
+
+
+@pytest.mark.parametrize("token", [["x"], {"token": "x"}, 7, "t" * 5000])
+def test_a_token_that_is_not_a_token_is_invalid(site: Site, token: Any) -> None:
+    """A token sent as a list or an object (issue 12, defect 3)."""
+    gw, _, shard = site
+    body = json.dumps({"model": "demo-tpm@1", "prompt": "x"})
+    reply = json.loads(InProcessTransport(gw).submit("query", body, token).result())
+    assert reply["error"]["code"] == "token_invalid" and shard.calls == []

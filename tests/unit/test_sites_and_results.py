@@ -284,3 +284,15 @@ def test_results_prune_removes_only_old_results(
     assert run(main, ["results", "prune", "--older-than", "-1d"]).exit_code == 2
     young = run(main, ["results", "prune", "--older-than", "0"])  # may still be in use
     assert young.exit_code == 2 and "never pruned" in young.output
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["blocks.01.hook_resid_post", "blocks.\u0661.hook_resid_post", "blocks.1.hook_resid_post\n"],
+)
+def test_a_site_has_one_spelling(name: str) -> None:
+    """A leading zero, a non-ASCII digit or a trailing newline is not the site's name."""
+    m = ModelShape("llama", 4, 256, 8, 32, 264)
+    with pytest.raises(RequestError, match="unknown hook site"):
+        parse_site(name, m)
+    assert parse_site("blocks.1.hook_resid_post", m).layer == 1

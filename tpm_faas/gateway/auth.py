@@ -40,6 +40,8 @@ from tpm_faas.errors import (
 )
 
 SCOPE_PREFIX = "https://auth.globus.org/scopes"
+#: Globus access tokens are well under this; anything longer is refused before introspection.
+MAX_TOKEN_LENGTH = 4096
 
 
 def mode_scope(client_id: str, mode: str) -> str:
@@ -236,8 +238,12 @@ class Authenticator:
 
     def require(self, token: str | None, mode: str) -> Principal:
         """Return the caller if ``token`` grants ``mode``; otherwise raise an :class:`AuthError`."""
-        if not token:
+        if token is None or token == "":
             raise TokenMissing(f"no access token was sent; the {mode!r} mode needs one")
+        if not isinstance(token, str):
+            raise TokenInvalid(f"the access token must be a string, not {type(token).__name__}")
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise TokenInvalid(f"the access token is longer than {MAX_TOKEN_LENGTH} characters")
         info = self._introspector.introspect(token)
         if not info.active:
             raise TokenInvalid("the access token is not active (unknown, revoked or malformed)")

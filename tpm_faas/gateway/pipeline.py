@@ -265,25 +265,28 @@ def _quietly(fn: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def parse(model: type[Any], request_json: str) -> Any:
-    """Parse and validate a request; errors name the offending field."""
+    """Parse and validate a request; errors name the offending field.
+
+    The JSON is read by pydantic's parser, which refuses nesting deeper than a few hundred
+    levels (no request nests more than ten) instead of recursing until Python gives up.
+    """
     if not isinstance(request_json, str):
         raise MalformedRequest(
             f"the request must be a JSON string, not {type(request_json).__name__}"
         )
     try:
-        raw = json.loads(request_json)
-    except ValueError as e:
-        raise MalformedRequest(f"the request is not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise MalformedRequest("the request must be a JSON object")
-    try:
-        return model.model_validate(raw)
+        return model.model_validate_json(request_json)
     except ValidationError as e:
-        for err in e.errors():
+        errors = e.errors()
+        if errors[0]["type"] == "json_invalid":
+            raise MalformedRequest(f"the request is not valid JSON: {errors[0]['msg']}") from None
+        if errors[0]["type"] == "model_type" and not errors[0]["loc"]:
+            raise MalformedRequest("the request must be a JSON object") from None
+        for err in errors:
             inner = (err.get("ctx") or {}).get("error")
             if isinstance(inner, TPMError):
                 raise type(inner)(f"{_loc(err['loc'])}: {inner.message}") from None
-        detail = "; ".join(f"{_loc(err['loc'])}: {err['msg']}" for err in e.errors())
+        detail = "; ".join(f"{_loc(err['loc'])}: {err['msg']}" for err in errors)
         raise RequestError(f"invalid {model.__name__}: {detail}") from None
 
 

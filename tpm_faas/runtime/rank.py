@@ -238,6 +238,7 @@ class _Rank0:
     def _drain(self, sock: Any) -> bool:
         """Take every message waiting on the socket; ``True`` when told to shut down."""
         import zmq
+        from pydantic import ValidationError
 
         from tpm_faas.modes import by_shard_op
         from tpm_faas.protocol.shard import ShardMessage, parse_body
@@ -246,9 +247,9 @@ class _Rank0:
             frames = sock.recv_multipart()
             ident = frames[0]
             try:
-                parsed = parse_body(ShardMessage, json.loads(frames[-1]))
-            except (ValueError, TPMError) as e:
-                err = e if isinstance(e, TPMError) else RequestError(f"unreadable message: {e}")
+                parsed = ShardMessage.model_validate_json(frames[-1])
+            except ValidationError as e:
+                err = RequestError(f"unreadable shard message: {e.errors()[0]['msg']}")
                 sock.send_multipart([ident, b"", _dumps({"ok": False, "error": err.to_record()})])
                 continue
             msg, op = parsed.model_dump(), parsed.op
