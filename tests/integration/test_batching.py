@@ -230,3 +230,35 @@ def test_a_request_with_more_prompts_than_slots_completes(model: Any) -> None:
     assert not s.busy and out["many"]["ok"], out
     for p, got in zip(prompts, ids_of(out["many"]), strict=True):
         assert got == ids_of(alone(model, body(p, n=6, stop_at_eos=False)))[0]
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (
+            RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection reset by peer"),
+            "shard_unavailable",
+        ),
+        (ConnectionResetError("Connection reset by peer"), "shard_unavailable"),
+        (torch.distributed.DistBackendError("NCCL communicator was aborted"), "shard_unavailable"),
+        (ValueError("a bug"), "internal"),
+    ],
+)
+def test_a_lost_rank_is_the_groups_failure_not_internal(
+    model: Any, error: Exception, code: str
+) -> None:
+    """A collective that fails because a peer rank died fails the request as
+    ``shard_unavailable`` (retry elsewhere), not as an internal error (issue 12, defect 8)."""
+    dec = Decoder(model, slots=2, max_len=64)
+
+    def broken(plan: dict[str, Any]) -> Any:
+        if plan["op"] == "decode":
+            raise error
+        return dec.run_plan(plan)
+
+    s = Scheduler(broken, slots=2, max_len=64)
+    s.submit("k", "r", body(PROMPTS[0], n=4))
+    out: dict[Any, dict[str, Any]] = {}
+    drain(s, out)
+    assert out["k"]["ok"] is False and out["k"]["error"]["code"] == code
+    assert out["k"]["error"]["layer"] == ("shard" if code == "shard_unavailable" else "internal")

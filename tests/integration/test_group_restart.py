@@ -22,7 +22,7 @@ def test_dead_rank_is_detected_and_the_group_restarts(tmp_path: Path) -> None:
     group = ShardGroup("demo-tpm@1", 2, settings, tmp_path / "runs", max_batch=4, max_wait_ms=300)
     group.start()
     try:
-        first = group.client().call("generate", BODY)
+        first = group.client().call("query", BODY)
         want = first["completions"][0]["token_ids"]
         # An idle group holds a lone request up to max_wait_ms for others to batch with.
         assert first["timing"]["queue_s"] >= 0.25
@@ -36,7 +36,7 @@ def test_dead_rank_is_detected_and_the_group_restarts(tmp_path: Path) -> None:
         assert not group.healthy()
         group.restart()
         assert group.healthy()
-        again = group.client().call("generate", BODY)["completions"][0]["token_ids"]
+        again = group.client().call("query", BODY)["completions"][0]["token_ids"]
         assert again == want
         old = {m["pid"] for m in ranks}
         assert not old & {m["pid"] for m in group.client().ping()["memory"]}
@@ -79,7 +79,7 @@ def test_replicas_scale_beat_and_are_restarted_by_the_supervisor(tmp_path: Path)
             time.sleep(0.5)
         assert rs.supervise() == ["r1"]
         assert rs.supervise() == []
-        out = rs.groups["r1"].client().call("generate", BODY)
+        out = rs.groups["r1"].client().call("query", BODY)
         assert out["completions"][0]["completion_tokens"] == 8
         rs.scale(1)
         assert [e.replica for e in registry.entries("demo-tpm@1")] == ["r0"]

@@ -107,7 +107,7 @@ def test_deploy_serves_from_a_batch_job_on_your_account(tmp_path: Path) -> None:
         assert len(jobs) == 1 and f" {ACCOUNT} " in f" {jobs[0]} ", jobs  # billed to you
         entry = Registry(home / "registry").lookup("demo-tpm@1")
         out = ShardClient(entry.address).call(
-            "generate", {"prompts": ["And God said"], "max_new_tokens": 6}
+            "query", {"prompts": ["And God said"], "max_new_tokens": 6}
         )
         assert out["completions"][0]["completion_tokens"] == 6
         cfg = yaml.safe_load((tmp_path / "endpoint.yaml").read_text())

@@ -51,8 +51,8 @@ def test_greedy_text_identical(site: EmbeddedSite, tp2: ShardClient) -> None:
         "stop_at_eos": True,
         "logprobs": True,
     }
-    one = _tp1(site).call("generate", body)["completions"]
-    two = tp2.call("generate", body)["completions"]
+    one = _tp1(site).call("query", body)["completions"]
+    two = tp2.call("query", body)["completions"]
     assert [c["token_ids"] for c in one] == [c["token_ids"] for c in two]
     lp1 = np.array([e["logprob"] for c in one for e in c["logprobs"]])
     lp2 = np.array([e["logprob"] for c in two for e in c["logprobs"]])
@@ -170,7 +170,7 @@ def test_bad_request_does_not_stall_the_ranks(tp2: ShardClient) -> None:
             },
         )
     out = tp2.call(
-        "generate",
+        "query",
         {
             "prompts": ["And"],
             "max_new_tokens": 3,
@@ -193,10 +193,10 @@ def test_concurrent_requests_batch_across_ranks(site: EmbeddedSite, tp2: ShardCl
         return {"prompts": [p], "max_new_tokens": 24, "temperature": 0.0, "seed": 0}
 
     with ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(lambda p: tp2.call("generate", body(p)), prompts))
+        together = list(pool.map(lambda p: tp2.call("query", body(p)), prompts))
     one = _tp1(site)
     for p, r in zip(prompts, together, strict=True):
-        alone = one.call("generate", body(p))
+        alone = one.call("query", body(p))
         assert r["completions"][0]["token_ids"] == alone["completions"][0]["token_ids"], p
     assert max(r["timing"]["max_batch"] for r in together) > 1
 

@@ -223,8 +223,10 @@ class _Rank0:
         try:
             return self.scheduler.step()
         except Exception as e:
+            from tpm_faas.runtime.scheduler import as_tpm_error
+
             log.exception("scheduler step failed")
-            return self.scheduler.abort(f"the shard group failed a step: {type(e).__name__}: {e}")
+            return self.scheduler.abort(as_tpm_error(e).message)
 
     def _wait_ms(self) -> int:
         """How long to block on the socket before the next step."""
@@ -295,9 +297,10 @@ class _Rank0:
         except TPMError as e:
             return {"ok": False, "error": e.to_record(msg.get("request_id"))}
         except Exception as e:  # the group keeps serving; the caller gets a clear error
+            from tpm_faas.runtime.scheduler import as_tpm_error
+
             log.exception("request %s failed", msg.get("request_id"))
-            err = TPMError(f"the shard group failed the request: {type(e).__name__}: {e}")
-            return {"ok": False, "error": err.to_record(msg.get("request_id"))}
+            return {"ok": False, "error": as_tpm_error(e).to_record(msg.get("request_id"))}
 
 
 def _execute(runner: Any, msg: dict[str, Any]) -> Any:

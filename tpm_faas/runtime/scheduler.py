@@ -255,11 +255,7 @@ class Scheduler:
 
     def _fail(self, req: _Request, e: Exception) -> None:
         if req.error is None:
-            req.error = (
-                e
-                if isinstance(e, TPMError)
-                else TPMError(f"the shard group failed the request: {type(e).__name__}: {e}")
-            )
+            req.error = as_tpm_error(e)
 
     def _retire(self) -> list[tuple[Any, dict[str, Any]]]:
         # A finished sequence gives its slot back at once, even if the rest of its request is
@@ -332,6 +328,39 @@ class Scheduler:
             item["saved"] = got.get("saved", {})
             item["logit_lens"] = got.get("logit_lens", [])
         return {"results": completions, "timing": timing}
+
+
+#: Words of the messages gloo and NCCL fail with when a peer rank is gone.
+_PEER_LOST = (
+    "connection reset",
+    "connection closed",
+    "connection refused",
+    "broken pipe",
+    "gloo",
+    "nccl",
+    "timed out",
+    "peer",
+)
+
+
+def as_tpm_error(e: BaseException) -> TPMError:
+    """What a failure inside the group means to the caller: a collective or transport failure
+    (a rank died, a link broke) is :class:`ShardGroupError` (``shard_unavailable``: the group,
+    not the request, failed; try again or elsewhere); anything else not already a
+    :class:`TPMError` is an internal error of the group."""
+    if isinstance(e, TPMError):
+        return e
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    lost = isinstance(e, dist.DistError | ConnectionError) or (
+        isinstance(e, RuntimeError) and any(w in text for w in _PEER_LOST)
+    )
+    if lost:
+        return ShardGroupError(
+            f"the shard group lost a rank or a link between ranks: {type(e).__name__}: {e}"
+        )
+    return TPMError(f"the shard group failed the request: {type(e).__name__}: {e}")
 
 
 def sample(logp: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
