@@ -27,3 +27,11 @@ def read_env(name: str) -> str | None:
 def add(a: int, b: int = 0) -> dict:
     """Return a small JSON document (exercises kwargs and a non-str result)."""
     return {"sum": a + b, "args": [a, b]}
+
+
+def nap(seconds: float) -> float:
+    """Sleep, then return how long."""
+    import time
+
+    time.sleep(seconds)
+    return seconds

@@ -242,3 +242,21 @@ def test_shutdown_leaves_no_processes(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="not started"):
         ep.submit(fid, "late")
     ep.shutdown()  # idempotent
+
+
+def test_shutdown_fails_pending_tasks_and_stops_cleanly(tmp_path: Path) -> None:
+    """Shutdown with tasks in flight fails them and stops everything (issue 12, defect 7:
+    failing a future ran its callback, which changed the set being iterated)."""
+    run_dir = (tmp_path / "ep").resolve()
+    before = set(_engine_processes(run_dir))
+    ep = LocalEndpoint(run_dir, max_workers=1)
+    ep.start()
+    fid = ep.register_function(funcs.nap)
+    assert ep.run(fid, 0.0, timeout=TASK_TIMEOUT) == 0.0
+    slow = [ep.submit(fid, 30.0) for _ in range(3)]
+    ep.shutdown()
+    for fut in slow:
+        with pytest.raises(RuntimeError, match="shut down before the task finished"):
+            fut.result(timeout=10)
+    left = _engine_processes(run_dir)
+    assert {pid: left[pid] for pid in left.keys() - before} == {}

@@ -33,6 +33,7 @@ with postponed evaluation of annotations.)
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import signal
@@ -432,9 +433,11 @@ class LocalEndpoint:
                     except subprocess.TimeoutExpired:
                         interchange.kill()
                         interchange.wait(timeout=5)
-                pending, self._pending = self._pending, set()
+                # A copy: failing a future runs its done-callback, which discards it from the
+                # set it was added to.
+                pending, self._pending = list(self._pending), set()
                 for fut in pending:
-                    if not fut.done():
+                    with contextlib.suppress(concurrent.futures.InvalidStateError):
                         fut.set_exception(
                             RuntimeError("LocalEndpoint shut down before the task finished")
                         )
