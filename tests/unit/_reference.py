@@ -188,3 +188,29 @@ def reference_generate(
         for _ in range(steps):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     return seq[len(ids) :]
+
+
+def reference_generate_saves(
+    model: Any, ids: list[int], steps: int, site: str
+) -> tuple[list[int], list[torch.Tensor]]:
+    """``transformers``' own ``generate`` (greedy, with its KV cache, exactly ``steps`` new
+    tokens), with a hook recording ``site`` in every forward pass, as nnsight and
+    TransformerLens see it: the generated tokens and the values of each pass (``[t, *shape]``:
+    the whole prompt first, then one row per token fed back)."""
+    passes: list[torch.Tensor] = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        passes.append(x.detach().clone())
+        return x
+
+    with torch.no_grad(), hooked(model, site, record):
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=model.config.eos_token_id,
+        )
+    return [int(t) for t in out[0, len(ids) :]], passes

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 import torch
 from _models import random_gpt2
-from _reference import hooked, normalise, reference_generate, reference_values, run
+from _reference import (
+    hooked,
+    normalise,
+    reference_generate,
+    reference_generate_saves,
+    reference_values,
+    run,
+)
 from transformers import AutoModelForCausalLM
 
 from tpm_faas.client import decode_array, encode_array
@@ -196,6 +203,94 @@ def test_saves_during_generation_cover_every_generated_token(model: Any) -> None
     np.testing.assert_allclose(
         decode_array(entry["tensor"]), ref[n - 1 :].numpy(), atol=ATOL, rtol=RTOL
     )
+
+
+def test_saved_heads_and_positions_come_back_in_the_order_asked(model: Any) -> None:
+    """``heads: [3, 0]`` returns head 3 then head 0 (as a write pairs its rows), positions
+    ``[5, 2]`` position 5 then 2; the entry names both beside the tensor."""
+    ids = TOK.encode(PROMPT)
+    z, post = "blocks.0.attn.hook_z", "blocks.1.hook_resid_post"
+    ops = [
+        {"op": "save", "site": z, "heads": [3, 0], "positions": [5, 2]},
+        {"op": "save", "site": post, "positions": [-1, 2, 5]},
+    ]
+    res = _intervene(_decoder(model), model, {"prompt": PROMPT, "ops": ops})
+    saved = res["results"][0]["saved"]
+    ref = reference_values(model, ids, [z, post])
+    n = len(ids)
+    assert saved[z]["heads"] == [3, 0] and saved[z]["positions"] == [5, 2]
+    np.testing.assert_allclose(
+        decode_array(saved[z]["tensor"]), ref[z][[5, 2]][:, [3, 0]].numpy(), atol=ATOL, rtol=RTOL
+    )
+    assert saved[post]["positions"] == [n - 1, 2, 5] and "heads" not in saved[post]
+    np.testing.assert_allclose(
+        decode_array(saved[post]["tensor"]), ref[post][[n - 1, 2, 5]].numpy(), atol=ATOL, rtol=RTOL
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "heads"),
+    [
+        ([3, 0], [1, 3], [3, 0, 1]),
+        ([3, 0], None, [3, 0, 1, 2]),  # then the rest of the heads, in order (+ 4.. on Llama)
+        (None, [3, 0], [0, 1, 2, 3]),  # every head, in order (+ 4.. on Llama)
+    ],
+    ids=["subsets", "subset-then-all", "all-then-subset"],
+)
+def test_merged_saves_name_each_row_in_the_order_of_first_appearance(
+    model: Any, first: list[int] | None, second: list[int] | None, heads: list[int]
+) -> None:
+    """Two saves of one z site come back as one tensor: the union of their positions and of
+    their heads, each in the order of first appearance over the ops, named beside it; each
+    op's own rows are read through those ids."""
+    ids = TOK.encode(PROMPT)
+    z = "blocks.1.attn.hook_z"
+    every = list(range(_shape(model).num_heads))
+    if first is None or second is None:
+        heads = [*heads, *every[4:]]
+    ops: list[dict[str, Any]] = [
+        {"op": "save", "site": z, "positions": [5, 2], **({"heads": first} if first else {})},
+        {"op": "save", "site": z, "positions": [2, 0], **({"heads": second} if second else {})},
+    ]
+    entry = _intervene(_decoder(model), model, {"prompt": PROMPT, "ops": ops})["results"][0][
+        "saved"
+    ][z]
+    assert entry["positions"] == [5, 2, 0] and entry["heads"] == heads
+    got = decode_array(entry["tensor"])
+    ref = reference_values(model, ids, [z])[z]
+    np.testing.assert_allclose(got, ref[[5, 2, 0]][:, heads].numpy(), atol=ATOL, rtol=RTOL)
+    for op in ops:  # each op's tensor, in its own order, out of the merged one
+        rows = [entry["positions"].index(p) for p in op["positions"]]
+        cols = [entry["heads"].index(h) for h in op.get("heads", every)]
+        np.testing.assert_allclose(
+            got[rows][:, cols],
+            ref[op["positions"]][:, op.get("heads", every)].numpy(),
+            atol=ATOL,
+            rtol=RTOL,
+        )
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_generation_saves_match_transformers_generate(model: Any, steps: int) -> None:
+    """``generation: true`` records what a hook sees in ``transformers``' ``generate`` (as in
+    nnsight and TransformerLens): N new tokens take N forward passes, the prompt and then the
+    first N - 1 generated tokens fed back; the Nth is sampled and never fed. The rows' token
+    positions come beside the tensor."""
+    ids = TOK.encode(PROMPT)
+    n = len(ids)
+    for site in ("blocks.1.hook_resid_post", "blocks.0.attn.hook_z"):
+        spec = {"op": "save", "site": site, "generation": True}
+        req = {"prompt": PROMPT, "ops": [spec], "max_new_tokens": steps, "stop_at_eos": False}
+        res = _intervene(_decoder(model), model, req)["results"][0]
+        tokens, passes = reference_generate_saves(model, ids, steps, site)
+        assert res["token_ids"] == tokens and len(passes) == steps
+        entry = res["saved"][site]
+        assert entry["positions"] == list(range(n + steps - 1))
+        want = torch.cat(passes)
+        assert want.shape[0] == n + steps - 1
+        np.testing.assert_allclose(
+            decode_array(entry["tensor"]), want.numpy(), atol=ATOL, rtol=RTOL, err_msg=site
+        )
 
 
 def test_patch_copies_activations_from_an_earlier_prompt(model: Any) -> None:

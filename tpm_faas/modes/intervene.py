@@ -54,10 +54,13 @@ def model_shape(model: ModelInfo) -> ModelShape:
     )
 
 
-def expand(sel: Any, n: int, what: str, where: str, *, ordered: bool = False) -> list[int]:
-    """Indices a selector picks out of ``0..n-1`` (negative ones count from ``n``): sorted,
-    or, with ``ordered`` (where rows of a tensor or of a patch source pair with them), in the
-    order given, each at most once."""
+def expand(
+    sel: Any, n: int, what: str, where: str, *, ordered: bool = False, first: bool = False
+) -> list[int]:
+    """Indices a selector picks out of ``0..n-1`` (negative ones count from ``n``): sorted;
+    with ``ordered`` (where rows of a tensor or of a patch source pair with them) in the
+    order given, a repeat refused; with ``first`` (a save: its rows come back in the order
+    asked) in the order given, a repeat dropped."""
     if sel is None or sel == "*":
         return list(range(n))
     raw = range(sel.start, sel.stop, sel.step) if isinstance(sel, Range) else sel
@@ -73,6 +76,8 @@ def expand(sel: Any, n: int, what: str, where: str, *, ordered: bool = False) ->
         if len(set(out)) != len(out):
             raise RequestError(f"{where}: the {what} selector picks a {what} twice")
         return out
+    if first:
+        return list(dict.fromkeys(out))
     return sorted(set(out))
 
 
@@ -124,8 +129,11 @@ class _Spec:
         self.saves: dict[tuple[int, str], dict[str, Any]] = {}
 
     def saved_bytes(self) -> int:
-        """Bytes of the merged saves: per prompt and site, the union of positions (plus every
-        generated token when any save of it asks) times the union of heads."""
+        """Bytes of the merged saves: per prompt and site, the union of positions (plus
+        ``max_new_tokens`` generated rows when any save of it asks) times the union of heads.
+
+        An upper bound: a prompt that generates ``k <= max_new_tokens`` tokens returns ``k - 1``
+        generated rows (the last token is sampled but never fed through the model)."""
         total = 0
         for u in self.saves.values():
             site: Site = u["site"]
@@ -160,19 +168,30 @@ class _Spec:
             if not any(fnmatch.fnmatchcase(s.name, pat) for pat in lim.allowed_sites):
                 raise PolicyDenied(f"{where}: hook site {s.name!r} is not allowed for your group")
         # Rows of a value tensor or of a patch source pair with positions and heads in the
-        # order given; elsewhere order does not matter.
+        # order given; a save returns its rows in the order asked (repeats dropped); elsewhere
+        # order does not matter.
         ordered = isinstance(op, (SetOp, AddOp, PatchOp))
+        first = isinstance(op, SaveOp)
         targets = expand(op.prompts, len(req.prompts), "prompt", where)
         positions = [
             expand(
-                op.positions, self.lengths[p], "position", f"{where}, prompt {p}", ordered=ordered
+                op.positions,
+                self.lengths[p],
+                "position",
+                f"{where}, prompt {p}",
+                ordered=ordered,
+                first=first,
             )
             for p in targets
         ]
         per_head = sites[0].per_head
         if op.heads is not None and not per_head:
             raise RequestError(f"{where}: 'heads' selects heads of attn.hook_z, not of {op.site!r}")
-        heads = expand(op.heads, m.num_heads, "head", where, ordered=ordered) if per_head else None
+        heads = (
+            expand(op.heads, m.num_heads, "head", where, ordered=ordered, first=first)
+            if per_head
+            else None
+        )
         token_shape = sites[0].shape(m)
         if heads is not None:
             token_shape = [len(heads), m.head_dim]
@@ -187,8 +206,9 @@ class _Spec:
         if op.generation and req.max_new_tokens == 0:
             raise RequestError(f"{where}: 'generation' needs max_new_tokens > 0")
         if isinstance(op, SaveOp):
-            # Saves of one site and prompt are merged (the union of positions and heads) and
-            # priced as merged, in saved_bytes().
+            # Saves of one site and prompt are merged (the union of positions and heads, in
+            # the order of first appearance; the runtime returns the ids beside the rows) and
+            # priced as merged, in saved_bytes(): the order does not change the size.
             for s in sites:
                 for p, pos in zip(targets, positions, strict=True):
                     u = self.saves.setdefault(

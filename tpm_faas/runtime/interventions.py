@@ -140,14 +140,31 @@ class _Capture:
 
 @dataclass
 class _Save:
-    """The merged saves of one site: prompt positions, heads, and whether generated tokens
-    are saved too; its buffers are allocated once the program is compiled."""
+    """The merged saves of one site: prompt positions and heads (each the union over the
+    saves, in the order of first appearance; ``None`` heads: every head, in order), and
+    whether generated tokens are saved too; its buffers are allocated once the program is
+    compiled."""
 
     positions: list[int]
     heads: list[int] | None
     generate: bool = False
     capture: _Capture | None = None
     generated: _Capture | None = None
+
+    def merge(self, positions: list[int], heads: list[int] | None, total: int) -> None:
+        """Add another save's ``positions`` and ``heads`` (of ``total`` heads) after the ones
+        already there."""
+        self.positions = _union(self.positions, positions)
+        if self.heads is not None or heads is not None:
+            every = list(range(total))
+            self.heads = _union(every if self.heads is None else self.heads, heads or every)
+            if self.heads == every:
+                self.heads = None
+
+
+def _union(a: list[int], b: list[int]) -> list[int]:
+    """``a``, then what of ``b`` is not in it, in order."""
+    return list(dict.fromkeys([*a, *b]))
 
 
 @dataclass(frozen=True)
@@ -267,13 +284,12 @@ class Compiler:
         kind = op["op"]
         if kind == "save":
             sv = prog.saves.get(site)
-            if sv is None:
-                sv = prog.saves[site] = _Save(sorted(set(pos)), op["heads"])
+            if sv is None:  # rows in the order asked
+                heads = None if op["heads"] is None else _union(op["heads"], [])
+                sv = prog.saves[site] = _Save(_union(pos, []), heads)
                 prog.reads.setdefault(site, []).append(self._read_save(sv))
             else:  # several saves of one site: one capture of the union
-                sv.positions = sorted(set(sv.positions) | set(pos))
-                both = None if sv.heads is None or op["heads"] is None else sv.heads + op["heads"]
-                sv.heads = None if both is None else sorted(set(both))
+                sv.merge(pos, op["heads"], self.heads.total)
             sv.generate = sv.generate or bool(op["generation"])
             return
         shape = self.site_shape(site)
@@ -505,6 +521,14 @@ def saved_values(
 ) -> dict[str, dict[str, Any]]:
     """``{site name: {"positions", "heads"?, "tensor"}}`` of ``prog``'s saves, in site order.
 
+    ``tensor`` is ``[rows, *shape]``: row ``j`` is the value at token position
+    ``positions[j]``, first the prompt positions in the order asked (merged saves of a site:
+    the union, in the order of first appearance over the ops), then, with ``generation``, one
+    row per generated token that was fed through the model (positions ``n .. n + k - 2`` for
+    a prompt of ``n`` tokens and ``k`` generated tokens: the last one is sampled, never fed).
+    For ``attn.hook_z``, ``heads`` names the head of each index of the tensor's axis 1 (the
+    order asked; every head in order when no save names heads).
+
     ``gather_heads`` joins the rank's heads of a ``z`` capture with every other rank's (a
     collective: every rank calls it for the same sites in the same order).
     """
@@ -525,7 +549,7 @@ def saved_values(
             if sv.heads is not None:
                 t = t[:, sv.heads]
         entry: dict[str, Any] = {"positions": positions, "tensor": t}
-        if site.per_head and sv.heads is not None:
-            entry["heads"] = sv.heads
+        if site.per_head:
+            entry["heads"] = list(range(t.shape[1])) if sv.heads is None else list(sv.heads)
         out[site.name] = entry
     return out
