@@ -91,8 +91,14 @@ def test_every_site_within_tolerance(site: EmbeddedSite, tp2: ShardClient) -> No
             "prompts": [PROMPTS[0], PROMPTS[1]],
             "max_new_tokens": 6,
             "ops": [
-                {"op": "save", "site": s.name, "positions": [0, 3, -1]} for s in all_sites(shape)
+                {
+                    "op": "save",
+                    "site": "blocks.2.attn.hook_z",
+                    "heads": [6, 1, 4],
+                    "positions": [-1, 0],
+                }
             ]
+            + [{"op": "save", "site": s.name, "positions": [0, 3, -1]} for s in all_sites(shape)]
             + [
                 {"op": "logit_lens", "positions": [-1, 2], "top_k": 5},
                 # heads 3..4 straddle the ranks (0-3 on rank 0, 4-7 on rank 1)
@@ -118,6 +124,13 @@ def test_every_site_within_tolerance(site: EmbeddedSite, tp2: ShardClient) -> No
     for r1, r2 in zip(one["results"], two["results"], strict=True):
         assert r1["token_ids"] == r2["token_ids"]
         assert set(r1["saved"]) == set(r2["saved"]) and len(r1["saved"]) == 4 * 6 + 3
+        z2 = r2["saved"]["blocks.2.attn.hook_z"]
+        assert z2["heads"] == [6, 1, 4, 0, 2, 3, 5, 7] and z2["positions"] == [
+            r1["prompt_tokens"] - 1,
+            0,
+            3,
+        ]
+        assert r1["saved"]["blocks.2.attn.hook_z"]["heads"] == z2["heads"]
         for name in r1["saved"]:
             a = decode_array(r1["saved"][name]["tensor"])
             b = decode_array(r2["saved"][name]["tensor"])
@@ -125,7 +138,9 @@ def test_every_site_within_tolerance(site: EmbeddedSite, tp2: ShardClient) -> No
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
         z = r1["saved"]["blocks.3.attn.hook_z"]  # merged with the save of every site above
         n = r1["prompt_tokens"]
-        assert z["positions"] == [*range(n), *range(n, n + r1["completion_tokens"] - 1)]
+        first = [0, 3, n - 1]
+        rest = [p for p in range(n) if p not in first]
+        assert z["positions"] == [*first, *rest, *range(n, n + r1["completion_tokens"] - 1)]
         assert z["tensor"]["shape"] == [len(z["positions"]), 8, 32]
         assert [[t["id"] for t in r["top"]] for r in r1["logit_lens"]] == [
             [t["id"] for t in r["top"]] for r in r2["logit_lens"]

@@ -45,7 +45,7 @@ def test_query_worst_case() -> None:
         QueryRequest(model="m@1", prompts=["abc", "de"], max_new_tokens=10), INFO, LIMITS
     )
     assert a.worst.input_tokens == (3 + 1) + (2 + 1) and a.worst.output_tokens == 20
-    assert a.shard_op == "generate" and "request_id" not in a.body
+    assert a.shard_op == "query" and "request_id" not in a.body and "model" not in a.body
 
 
 @pytest.mark.parametrize(
@@ -135,7 +135,7 @@ def test_intervene_normalises_and_prices() -> None:
         ]
     )
     ops = a.body["ops"]
-    assert ops[0]["positions"] == [[0, 4]] and ops[0]["prompts"] == [0]
+    assert ops[0]["positions"] == [[4, 0]] and ops[0]["prompts"] == [0]  # a save: order asked
     assert ops[0]["sites"] == ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
     assert ops[1]["sites"] == [f"blocks.{i}.hook_resid_post" for i in range(4)]
     assert ops[2]["value"] == "#ops.2.value" and set(a.body["tensors"]) == {"#ops.2.value"}
@@ -269,7 +269,7 @@ def test_rows_of_values_pair_with_positions_and_heads_in_the_order_given() -> No
     with pytest.raises(RequestError, match="picks a position twice"):
         _admit([{"op": "set", "site": "embed", "positions": [1, -4], "value": per_pos}])
     s = _admit([{"op": "save", "site": "embed", "positions": [3, 1, 3]}])
-    assert s.body["ops"][0]["positions"] == [[1, 3]]  # reads: sorted, merged
+    assert s.body["ops"][0]["positions"] == [[3, 1]]  # a save: order asked, a repeat dropped
 
 
 def test_merged_saves_are_priced_as_merged() -> None:

@@ -14,9 +14,10 @@ import math
 from typing import Any
 
 from tpm_faas.errors import PolicyDenied, RequestError, TensorError
-from tpm_faas.modes.base import Admission, Mode, check_context, tokenizer_for
+from tpm_faas.modes.base import Admission, Mode, check_context, sha256_json, tokenizer_for
 from tpm_faas.modes.query import BYTES_PER_TOKEN
 from tpm_faas.policy import Limits, Usage, check_limit
+from tpm_faas.protocol.replies import InterveneOutput
 from tpm_faas.protocol.requests import (
     WRITE_OPS,
     AblateOp,
@@ -32,6 +33,7 @@ from tpm_faas.protocol.requests import (
     TensorPayload,
     TensorRef,
 )
+from tpm_faas.protocol.shard import InterveneBody
 from tpm_faas.registry import ModelInfo
 from tpm_faas.sites import BLOCK_SITES, ModelShape, Site, parse_site
 
@@ -276,10 +278,31 @@ class _Spec:
         self.ops.append(norm)
 
 
+def intervene(request_json: str, token: str | None = None) -> str:
+    """Read and write hidden states at hook sites.
+
+    See :class:`tpm_faas.protocol.requests.InterveneRequest`.
+
+    The function registered with Globus Compute for this mode (as source text: its body
+    imports what it needs). JSON in, JSON out; never raises.
+    """
+    from tpm_faas.gateway.pipeline import handle
+
+    return handle("intervene", request_json, token)
+
+
 class InterveneMode(Mode):
     name = "intervene"
+    function = staticmethod(intervene)
+    scope_title = "Intermediary access"
+    scope_description = (
+        "Read and write the model's hidden states through declarative interventions."
+    )
+    summary = "prompts under declarative reads and writes of hidden states at named hook sites"
     request_model = InterveneRequest
-    shard_op = "intervene"
+    output_model = InterveneOutput
+    shard_body = InterveneBody
+    scheduled = True
 
     def admit(self, request: InterveneRequest, model: ModelInfo, limits: Limits) -> Admission:
         tok = tokenizer_for(model)
@@ -308,24 +331,28 @@ class InterveneMode(Mode):
             bytes_returned=spec.out_bytes,
             hooked_sites=len(spec.sites),
         )
-        body = {
-            "prompts": list(request.prompts),
-            "tensors": spec.tensors,
-            "ops": spec.ops,
-            "max_new_tokens": request.max_new_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "seed": request.seed,
-            "stop_at_eos": request.stop_at_eos,
-        }
-        return Admission(worst, self.shard_op, body)
+        body = InterveneBody.model_validate(
+            {
+                "prompts": list(request.prompts),
+                "tensors": spec.tensors,
+                "ops": spec.ops,
+                "max_new_tokens": request.max_new_tokens,
+                "temperature": request.temperature,
+                "top_p": request.top_p,
+                "seed": request.seed,
+                "stop_at_eos": request.stop_at_eos,
+            }
+        )
+        return self.admitted(worst, body)
 
     def usage(
-        self, request: InterveneRequest, admission: Admission, result: dict[str, Any]
+        self, request: InterveneRequest, admission: Admission, output: InterveneOutput
     ) -> Usage:
-        runs = result["results"]
         return Usage(
-            input_tokens=sum(int(r["prompt_tokens"]) for r in runs),
-            output_tokens=sum(int(r["completion_tokens"]) for r in runs),
+            input_tokens=sum(r.prompt_tokens for r in output.results),
+            output_tokens=sum(r.completion_tokens for r in output.results),
             hooked_sites=admission.worst.hooked_sites,
         )
+
+    def receipt_extras(self, request: InterveneRequest, admission: Admission) -> dict[str, Any]:
+        return {"intervention_sha256": sha256_json(admission.body["ops"])}

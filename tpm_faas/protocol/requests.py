@@ -163,7 +163,9 @@ Scale = Annotated[float, Field(ge=-1e4, le=1e4, allow_inf_nan=False)]
 
 class _SiteOp(Strict):
     """Where an op acts: a site, its layers, the prompts and token positions, and whether it
-    also acts on every generated token.
+    also acts on the generated tokens that are fed back through the model (with ``k`` new
+    tokens, the first ``k - 1``: the last one is sampled and never run, as in
+    ``transformers`` ``generate``).
 
     ``site`` is a block site (``hook_resid_post``, ``attn.hook_z``, ...) together with
     ``layers``, or a full name (``blocks.3.hook_resid_post``, ``embed``, ``ln_final``,
@@ -182,7 +184,9 @@ class _SiteOp(Strict):
 
 
 class SaveOp(_SiteOp):
-    """Return the site's values (after this request's writes at the site)."""
+    """Return the site's values (after this request's writes at the site): rows in the order
+    of ``positions`` (then generated tokens), heads in the order of ``heads``; the reply names
+    each row's position and each head row's head."""
 
     op: Literal["save"]
 

@@ -20,8 +20,6 @@ holds, and saved ``z`` values are gathered from every rank when the request is c
 
 from __future__ import annotations
 
-import base64
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import torch
 
 from tpm_faas.errors import RequestError, TensorError
+from tpm_faas.protocol import codec
 from tpm_faas.sites import BLOCK_SITES, GLOBAL_SITES, Site
 from tpm_faas.tokenizer import ByteTokenizer
 
@@ -45,29 +44,18 @@ SITE_KINDS = frozenset((*BLOCK_SITES, *GLOBAL_SITES))
 
 
 def decode_tensor(payload: dict[str, Any]) -> torch.Tensor:
-    """A tensor from its JSON payload (declared dtype/shape; raw bytes; never a pickle)."""
+    """A tensor from its JSON payload (the wire's codec, :mod:`tpm_faas.protocol.codec`)."""
     dtype = DTYPES.get(payload["dtype"])
     if dtype is None:
         raise TensorError(f"unsupported dtype {payload['dtype']!r}")
-    shape = [int(s) for s in payload["shape"]]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = math.prod(shape) * itemsize
-    if len(payload["data"]) != 4 * math.ceil(expected / 3):  # checked before decoding
-        raise TensorError(f"tensor data does not match shape {shape} of {payload['dtype']}")
-    raw = base64.b64decode(payload["data"], validate=True)
-    if len(raw) != expected:
-        raise TensorError(f"tensor bytes ({len(raw)}) do not match shape {shape} of {dtype}")
-    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).clone()
+    buf = codec.raw(payload)  # checked against the declaration; never a pickle
+    return torch.frombuffer(bytearray(buf), dtype=dtype).reshape(payload["shape"]).clone()
 
 
 def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
-    """A tensor as a float32 JSON payload."""
+    """A tensor as a float32 JSON payload (the wire's codec)."""
     t = t.detach().to(torch.float32).contiguous().cpu()
-    return {
-        "dtype": "float32",
-        "shape": list(t.shape),
-        "data": base64.b64encode(t.numpy().tobytes()).decode("ascii"),
-    }
+    return codec.encode(t.numpy().tobytes(), "float32", list(t.shape))
 
 
 def site_of(name: str) -> Site:
