@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 
 from tpm_faas.client import TPMClient
-from tpm_faas.modes import MODE_NAMES
 from tpm_faas.config import SOURCE_POLICIES, Settings
 from tpm_faas.gateway.ledger import Ledger
+from tpm_faas.modes import MODE_NAMES
 
 
 @dataclass(frozen=True)
