@@ -3,7 +3,10 @@ through the frozen core, out through a registered head or as pooled hidden state
 
 from __future__ import annotations
 
+import json
+
 from tpm_faas.errors import RequestError, TensorError
+from tpm_faas.modes import pricing
 from tpm_faas.modes.base import Admission, Mode, check_context, check_output_bytes
 from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.protocol.replies import EmbedOutput
@@ -23,6 +26,25 @@ def embed(request_json: str, token: str | None = None) -> str:
     from tpm_faas.gateway.pipeline import handle
 
     return handle("embed", request_json, token)
+
+
+def worst_bytes(request: EmbedRequest, batch: int, tokens: int, out_width: int) -> int:
+    """The most an embed result's ``output`` may count as ``bytes_returned``
+    (:meth:`tpm_faas.runtime.runner.ModelRunner.embed`)::
+
+        {"input_tokens":N,"pooling":"mean","head":"…","output":<float32 [batch, out_width]>}
+
+    and, should the tensor go by reference, its key, its entry in the results file's header
+    and the file's envelope (see :mod:`.pricing`)."""
+    shape = [batch, out_width]
+    n = 16 + pricing.digits(batch * tokens)  # {"input_tokens":N
+    n += 11 + len(json.dumps(request.pooling))  # ,"pooling":"mean"
+    if request.head is not None:
+        n += 8 + len(json.dumps(request.head))  # ,"head":"…"
+    n += 10 + pricing.tensor_payload(shape) + 1  # ,"output":{…}}
+    data = batch * out_width * pricing.BYTES_PER_VALUE
+    extra = pricing.by_reference_extra("output", shape, data)
+    return n + extra + pricing.by_reference_envelope(request.request_id, data + extra)
 
 
 class EmbedMode(Mode):
@@ -74,7 +96,7 @@ class EmbedMode(Mode):
                 known = ", ".join(sorted(model.heads)) or "none"
                 raise RequestError(f"unknown head {request.head!r} (registered: {known})")
             out_width = int(head["out_features"])
-        out_bytes = batch * out_width * 4
+        out_bytes = worst_bytes(request, batch, tokens, out_width)
         check_output_bytes(out_bytes, limits)
         worst = Usage(input_tokens=batch * tokens, bytes_returned=out_bytes)
         body = EmbedBody(

@@ -14,8 +14,8 @@ import math
 from typing import Any
 
 from tpm_faas.errors import PolicyDenied, RequestError, TensorError
+from tpm_faas.modes import pricing
 from tpm_faas.modes.base import Admission, Mode, check_context, sha256_json, tokenizer_for
-from tpm_faas.modes.query import BYTES_PER_TOKEN
 from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.protocol.replies import InterveneOutput
 from tpm_faas.protocol.requests import (
@@ -37,10 +37,6 @@ from tpm_faas.protocol.shard import InterveneBody
 from tpm_faas.registry import ModelInfo
 from tpm_faas.sites import BLOCK_SITES, ModelShape, Site, parse_site
 
-#: Worst-case bytes of one logit-lens entry (token text, id and probability in JSON).
-BYTES_PER_LENS_ENTRY = 48
-#: Bytes per saved value (saved tensors come back as float32).
-BYTES_PER_VALUE = 4
 LENS_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -120,31 +116,80 @@ def _read_table(req: InterveneRequest) -> dict[str, TensorPayload]:
 class _Spec:
     """The normalisation of one request: tensors, ops, sites, bytes."""
 
-    def __init__(self, req: InterveneRequest, m: ModelShape, lengths: list[int], limits: Limits):
-        self.req, self.m, self.lengths, self.limits = req, m, lengths, limits
+    def __init__(
+        self,
+        req: InterveneRequest,
+        m: ModelShape,
+        ids: list[list[int]],
+        limits: Limits,
+    ):
+        self.req, self.m, self.ids, self.limits = req, m, ids, limits
+        self.lengths = [len(i) for i in ids]
         self.table = _read_table(req)
         self.tensors: dict[str, dict[str, Any]] = {}
         self.ops: list[dict[str, Any]] = []
         self.sites: set[str] = set()
-        self.out_bytes = BYTES_PER_TOKEN * req.max_new_tokens * len(req.prompts)
         self.in_bytes = sum(t.nbytes for t in self.table.values())
         self.saves: dict[tuple[int, str], dict[str, Any]] = {}
+        #: Per prompt, the JSON size of each of its logit-lens rows (in no particular order).
+        self.lens: dict[int, list[int]] = {}
 
-    def saved_bytes(self) -> int:
-        """Bytes of the merged saves: per prompt and site, the union of positions (plus
-        ``max_new_tokens`` generated rows when any save of it asks) times the union of heads.
+    def out_bytes(self) -> int:
+        """The most the result's ``output`` may count as ``bytes_returned``::
 
-        An upper bound: a prompt that generates ``k <= max_new_tokens`` tokens returns ``k - 1``
-        generated rows (the last token is sampled but never fed through the model)."""
-        total = 0
-        for u in self.saves.values():
+            {"results":[<completion with "saved":{…},"logit_lens":[…]>,…]}
+
+        with the merged saves of each prompt and site (:meth:`saved`) and, should the tensors
+        go by reference, their keys and header entries and the results file's envelope."""
+        saved = self.saved()
+        data = sum(raw for _, _, raw in saved)
+        extra = sum(pricing.by_reference_extra(path, shape, data) for path, shape, _ in saved)
+        runs = []
+        for p, n in enumerate(self.lengths):
+            entries = [u["json"] for (q, _), u in self.saves.items() if q == p]
+            members = 9 + pricing.list_json(entries)  # ,"saved":{…} (braces, commas)
+            members += 14 + pricing.list_json(self.lens.get(p, []))  # ,"logit_lens":[…]
+            runs.append(
+                pricing.completion(n, self.req.max_new_tokens, self.m.vocab_size, extra=members)
+            )
+        total = 11 + pricing.list_json(runs) + 1
+        if saved:
+            total += extra + pricing.by_reference_envelope(self.req.request_id, data + extra)
+        return total
+
+    def saved(self) -> list[tuple[str, list[int], int]]:
+        """The merged saves (:func:`tpm_faas.runtime.interventions.saved_values`): per prompt
+        and site, the union of positions (plus the generated rows when any save of it asks)
+        times the union of heads; sets each one's JSON size in the prompt's ``saved`` and
+        returns (key in a results file, tensor shape, raw bytes) of each::
+
+            "<site>":{"positions":[…],"tensor":<float32 [rows, …]>,"heads":[…]}
+
+        A prompt that generates ``k <= max_new_tokens`` tokens returns ``k - 1`` generated
+        rows, at positions ``n .. n + k - 2`` (the last token is sampled but never fed through
+        the model), so at most ``max_new_tokens - 1``."""
+        out = []
+        for (p, name), u in self.saves.items():
             site: Site = u["site"]
             shape = site.shape(self.m)
-            if site.per_head and -1 not in u["heads"]:
-                shape = [len(u["heads"]), self.m.head_dim]
-            rows = len(u["pos"]) + (self.req.max_new_tokens if u["gen"] else 0)
-            total += rows * math.prod(shape) * BYTES_PER_VALUE
-        return total
+            heads = sorted(u["heads"])
+            if site.per_head:
+                if -1 in u["heads"]:
+                    heads = list(range(self.m.num_heads))
+                shape = [len(heads), self.m.head_dim]
+            n = self.lengths[p]
+            gen = range(n, n + self.req.max_new_tokens - 1) if u["gen"] else range(0)
+            positions = [*u["pos"], *gen]
+            tshape = [len(positions), *shape]
+            size = len(name) + 3  # "<site>":
+            size += 13 + 2 + pricing.ints_json(positions)  # {"positions":[…]
+            size += 10 + pricing.tensor_payload(tshape)  # ,"tensor":{…}
+            if site.per_head:
+                size += 9 + 2 + pricing.ints_json(heads)  # ,"heads":[…]
+            u["json"] = size + 1  # }
+            raw = math.prod(tshape) * pricing.BYTES_PER_VALUE
+            out.append((f"results.{p}.saved.{name}.tensor", tshape, raw))
+        return out
 
     def tensor(self, v: TensorPayload | TensorRef, name: str, where: str) -> TensorPayload:
         if isinstance(v, TensorRef):
@@ -210,7 +255,7 @@ class _Spec:
         if isinstance(op, SaveOp):
             # Saves of one site and prompt are merged (the union of positions and heads, in
             # the order of first appearance; the runtime returns the ids beside the rows) and
-            # priced as merged, in saved_bytes(): the order does not change the size.
+            # priced as merged, in saved(): the order does not change the size.
             for s in sites:
                 for p, pos in zip(targets, positions, strict=True):
                     u = self.saves.setdefault(
@@ -224,8 +269,14 @@ class _Spec:
                 raise RequestError(f"{where}: the logit lens reads {', '.join(LENS_SITES)}")
             if op.generation:
                 raise RequestError(f"{where}: the logit lens reads prompt tokens only")
-            rows = sum(len(p) for p in positions)
-            self.out_bytes += len(sites) * rows * op.top_k * BYTES_PER_LENS_ENTRY
+            # One row per site and position (lens_tables), each priced from its own site,
+            # layer, position and input token.
+            for p, pos in zip(targets, positions, strict=True):
+                self.lens.setdefault(p, []).extend(
+                    pricing.lens_row(st.name, st.layer, j, self.ids[p][j], op.top_k, m.vocab_size)
+                    for st in sites
+                    for j in pos
+                )
             norm["top_k"] = op.top_k
         elif isinstance(op, (SetOp, AddOp)):
             value = op.value if isinstance(op, SetOp) else op.vector
@@ -307,14 +358,15 @@ class InterveneMode(Mode):
     def admit(self, request: InterveneRequest, model: ModelInfo, limits: Limits) -> Admission:
         tok = tokenizer_for(model)
         check_limit("prompts", len(request.prompts), limits.max_prompts)
-        lengths = [len(tok.encode(p)) for p in request.prompts]
+        ids = [tok.encode(p) for p in request.prompts]
+        lengths = [len(i) for i in ids]
         check_limit("the longest prompt (tokens)", max(lengths), limits.max_prompt_tokens)
         check_limit("max_new_tokens", request.max_new_tokens, limits.max_new_tokens)
         check_context(model, max(lengths), request.max_new_tokens, limits)
-        spec = _Spec(request, model_shape(model), lengths, limits)
+        spec = _Spec(request, model_shape(model), ids, limits)
         for i, op in enumerate(request.ops):
             spec.add(i, op)
-        spec.out_bytes += spec.saved_bytes()
+        out_bytes = spec.out_bytes()
         unused = set(request.tensors) - set(spec.tensors)
         if unused:
             raise RequestError(f"tensors {sorted(unused)} are not used by any op")
@@ -322,13 +374,13 @@ class InterveneMode(Mode):
         check_limit("hook sites touched", len(spec.sites), limits.max_hook_sites)
         check_limit(
             "the result size this request may return (bytes)",
-            spec.out_bytes,
+            out_bytes,
             limits.max_bytes_returned,
         )
         worst = Usage(
             input_tokens=sum(lengths),
             output_tokens=request.max_new_tokens * len(request.prompts),
-            bytes_returned=spec.out_bytes,
+            bytes_returned=out_bytes,
             hooked_sites=len(spec.sites),
         )
         body = InterveneBody.model_validate(

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from tpm_faas.modes.base import Admission, Mode, check_context, count_tokens
+from tpm_faas.modes import pricing
+from tpm_faas.modes.base import Admission, Mode, check_context, check_output_bytes, count_tokens
 from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.protocol.replies import QueryOutput
 from tpm_faas.protocol.requests import QueryRequest
 from tpm_faas.protocol.shard import QueryBody
 from tpm_faas.registry import ModelInfo
 
-#: Worst-case bytes of one generated token in a result (text, id, log-prob and JSON).
-BYTES_PER_TOKEN = 64
+
+def worst_bytes(
+    prompt_tokens: list[int], max_new_tokens: int, vocab_size: int, *, logprobs: bool
+) -> int:
+    """The most a query result's ``output`` may count as ``bytes_returned``::
+
+        {"completions":[<completion>,…]}
+
+    each completion at most ``max_new_tokens`` tokens (see :func:`pricing.completion`)."""
+    runs = [
+        pricing.completion(n, max_new_tokens, vocab_size, logprobs=logprobs) for n in prompt_tokens
+    ]
+    return 15 + pricing.list_json(runs) + 1
 
 
 def query(request_json: str, token: str | None = None) -> str:
@@ -45,11 +57,11 @@ class QueryMode(Mode):
             check_limit(f"prompts[{i}] (tokens)", n, limits.max_prompt_tokens)
             check_context(model, n, request.max_new_tokens, limits)
         worst_out = request.max_new_tokens * len(request.prompts)
-        worst = Usage(
-            input_tokens=sum(tokens),
-            output_tokens=worst_out,
-            bytes_returned=BYTES_PER_TOKEN * worst_out,
+        out_bytes = worst_bytes(
+            tokens, request.max_new_tokens, model.vocab_size, logprobs=request.logprobs
         )
+        check_output_bytes(out_bytes, limits)
+        worst = Usage(input_tokens=sum(tokens), output_tokens=worst_out, bytes_returned=out_bytes)
         body = QueryBody.model_validate(request.model_dump(exclude={"model", "request_id"}))
         return self.admitted(worst, body)
 
