@@ -332,6 +332,12 @@ class ShardGroup:
             return "ended"
         return "unknown"
 
+    def job_messages(self) -> list[str]:
+        """What the scheduler said about the batch jobs (e.g. why a submission failed)."""
+        ex = self._executor
+        statuses = getattr(ex, "status_facade", {}).values() if ex is not None else []
+        return [str(s.message) for s in statuses if getattr(s, "message", None)]
+
     def describe(self) -> dict[str, Any]:
         """The serving group as JSON: address, job ids, ranks (``tpm-faas launch --json``)."""
         e = self.entry
@@ -515,7 +521,11 @@ class _StartWatch:
         jobs = ", ".join(g.job_ids) or "not submitted yet"
         joined = len(_joined(self.rendezvous))
         if state == "ended" and not joined:
-            return f"the batch job of {g.model} ({jobs}) ended before any rank started"
+            why = "; ".join(g.job_messages())
+            return (
+                f"the batch job of {g.model} on {g.allocation.describe()} ({jobs}) ended before "
+                "any rank started" + (f": {why.strip()}" if why else "")
+            )
         if self.running_since is None and (state == "running" or joined):
             self.running_since = now
         if self.running_since is None:

@@ -115,6 +115,8 @@ def test_deploy_serves_from_a_batch_job_on_your_account(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
+        assert proc.stdout is not None
+        proc.stdout.close()
     assert proc.returncode == 0, "".join(lines)
     assert _no_jobs_left(), _jobs()
 
