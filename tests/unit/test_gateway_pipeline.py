@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tpm_faas.client import Result, TPMClient
-from tpm_faas.errors import RemoteError, ShardTimeout
+from tpm_faas.errors import ConfigError, RemoteError, ShardTimeout
 from tpm_faas.gateway.ledger import to_su
 from tpm_faas.gateway.pipeline import Gateway, parse, request_hash
 from tpm_faas.modes import MODES
@@ -280,3 +280,11 @@ def test_a_token_that_is_not_a_token_is_invalid(site: Site, token: Any) -> None:
     body = json.dumps({"model": "demo-tpm@1", "prompt": "x"})
     reply = json.loads(InProcessTransport(gw).submit("query", body, token).result())
     assert reply["error"]["code"] == "token_invalid" and shard.calls == []
+
+
+def test_a_results_directory_too_long_to_price_is_a_config_error(tmp_path: Path) -> None:
+    """Admission prices a by-reference result's URI with at most 1024 characters of results
+    directory; a site whose directory is longer cannot start (the bound would not hold)."""
+    home = tmp_path.joinpath(*["d" * 200] * 6)
+    with pytest.raises(ConfigError, match="results directory's URI"):
+        fake_site(home)

@@ -31,6 +31,7 @@ from tpm_faas.errors import (
     MalformedRequest,
     RequestError,
     ShardGroupError,
+    TokenInvalid,
     TPMError,
 )
 from tpm_faas.gateway import results
@@ -45,6 +46,7 @@ from tpm_faas.gateway.ledger import Ledger, to_su
 from tpm_faas.gateway.ratelimit import RateLimiter
 from tpm_faas.modes import Mode, get_mode
 from tpm_faas.modes.base import sha256_json
+from tpm_faas.modes.pricing import MAX_OWNER_JSON, MAX_RESULTS_DIR_URI
 from tpm_faas.policy import Caller, Limits, Policy, PolicyStore, Usage
 from tpm_faas.protocol import codec
 from tpm_faas.protocol.replies import ErrorRecord, ErrorReply, Receipt, Reply
@@ -112,6 +114,12 @@ class Gateway:
             )
         else:
             raise ConfigError(f"unknown TPM_FAAS_AUTH {settings.auth_backend!r} (local | globus)")
+        uri = settings.results_dir.resolve().as_uri()
+        if len(uri) > MAX_RESULTS_DIR_URI:  # admission prices by-reference results with it
+            raise ConfigError(
+                f"the results directory's URI is {len(uri)} characters; at most "
+                f"{MAX_RESULTS_DIR_URI} (set TPM_FAAS_HOME to a shorter path)"
+            )
         policies = PolicyStore(settings.policy_path)  # a bad policy fails before the ledger opens
         ledger = Ledger(settings.ledger_url)
         return cls(
@@ -142,6 +150,8 @@ class Gateway:
         self, mode: Mode, request: Any, request_id: str, token: str | None, started: float
     ) -> dict[str, Any]:
         principal = self.authenticator.require(token, mode.name)
+        if len(json.dumps(principal.identity)) > MAX_OWNER_JSON:  # recorded in results files
+            raise TokenInvalid("the access token's identity is longer than any Globus identity")
         group = self.registry.lookup(request.model)
         policy = self.policy  # one policy for the whole request, even across a reload
         caller = Caller(

@@ -44,7 +44,9 @@ MAX_REQUEST_ID = 128
 #: Site-dependent parts of a by-reference result, bounded here because admission runs before
 #: the caller and the site are known to the mode: the owner recorded in the results file's
 #: header (the caller's identity as JSON text; a Globus identity id is 36 characters) and
-#: ``file://`` plus the results directory in the ``tensors_ref`` URI.
+#: ``file://`` plus the results directory in the ``tensors_ref`` URI. The gateway enforces
+#: both (``tpm_faas.gateway.pipeline``: an identity longer is refused, a results directory
+#: longer is a configuration error), so the estimate is a true bound.
 MAX_OWNER_JSON = 256
 MAX_RESULTS_DIR_URI = 1024
 
