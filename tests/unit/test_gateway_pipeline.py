@@ -286,5 +286,6 @@ def test_a_results_directory_too_long_to_price_is_a_config_error(tmp_path: Path)
     """Admission prices a by-reference result's URI with at most 1024 characters of results
     directory; a site whose directory is longer cannot start (the bound would not hold)."""
     home = tmp_path.joinpath(*["d" * 200] * 6)
+    home.mkdir(parents=True)
     with pytest.raises(ConfigError, match="results directory's URI"):
         fake_site(home)
