@@ -288,4 +288,4 @@ def test_a_results_directory_too_long_to_price_is_a_config_error(tmp_path: Path)
     home = tmp_path.joinpath(*["d" * 200] * 6)
     home.mkdir(parents=True)
     with pytest.raises(ConfigError, match="results directory's URI"):
-        fake_site(home)
+        fake_site(home, ledger_url=f"sqlite:///{tmp_path / 'ledger.sqlite'}")
