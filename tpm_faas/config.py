@@ -51,8 +51,6 @@ BUNDLED_MODELS = package_data("models")
 POLICIES = package_data("policies")
 #: The Globus Compute endpoint templates.
 ENDPOINT_TEMPLATES = package_data("endpoint_templates")
-#: Former name of :data:`POLICIES` (policies used to live outside the package).
-SOURCE_POLICIES = POLICIES
 
 
 def resolve_policy(value: str | os.PathLike[str]) -> Path:

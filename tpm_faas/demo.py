@@ -154,9 +154,9 @@ def _record(summary: dict[str, Any], r: Result, key: str | None = None) -> None:
     summary["modes"][key or r.mode] = {
         "ok": True,
         "request_id": r.request_id,
-        "su": r.usage["su"],
-        "usage": r.usage,
-        "receipt": r.receipt,
+        "su": r.usage.su,
+        "usage": r.usage.model_dump(mode="json", exclude_none=True),
+        "receipt": r.receipt.model_dump(mode="json", exclude_none=True),
     }
 
 
@@ -167,10 +167,10 @@ def _heading(text: str) -> str:
 def _usage_line(r: Result) -> str:
     u = r.usage
     return (
-        f"  usage  : {u['input_tokens']} tokens in, {u['output_tokens']} out, "
-        f"{u['bytes_returned']} bytes, {u['hooked_sites']} hook sites -> {u['su']:.6f} SU "
-        f"(held {u['su_held']:.6f}); receipt: checkpoint {r.receipt['checkpoint_sha256'][:12]}, "
-        f"request {r.receipt['request_sha256'][:12]}"
+        f"  usage  : {u.input_tokens} tokens in, {u.output_tokens} out, "
+        f"{u.bytes_returned} bytes, {u.hooked_sites} hook sites -> {u.su:.6f} SU "
+        f"(held {u.su_held:.6f}); receipt: checkpoint {r.receipt.checkpoint_sha256[:12]}, "
+        f"request {r.receipt.request_sha256[:12]}"
     )
 
 

@@ -24,7 +24,8 @@ clients and tests match on) and, for the CLI, an ``exit_code``::
     │   └── ShardTimeout(ShardGroupError, TimeoutError) shard_timeout
     ├── ConfigError                                     config_error       7
     │   └── MissingExtra(ConfigError, ImportError)      missing_extra
-    └── RemoteError                                     (the remote code)  8
+    ├── RemoteError                                     (the remote code)  8
+    └── ServiceUnreachable(TPMError, ConnectionError)   service_unreachable 9
 
 A class's exit code is its parent's unless drawn; ``tests/unit/test_errors.py`` checks this
 drawing against the classes (names, parents, bases, codes, exit codes).
@@ -78,11 +79,11 @@ class TPMError(Exception):
 
 
 class RequestError(TPMError, ValueError):
-    layer = "request"
     """The request itself is wrong; fix it and send it again."""
 
     code = "bad_request"
     exit_code = 2
+    layer = "request"
 
 
 class MalformedRequest(RequestError):
@@ -221,3 +222,12 @@ class RemoteError(TPMError):
             request_id=record.get("request_id"),
             layer=str(record.get("layer", "internal")),
         )
+
+
+class ServiceUnreachable(TPMError, ConnectionError):
+    """A service tpm_faas calls (Globus Auth, the Globus Compute web service) cannot be
+    reached: the network, a proxy or the service is down. Nothing was changed; try again."""
+
+    code = "service_unreachable"
+    exit_code = 9
+    layer = "network"

@@ -4,7 +4,7 @@ Default deny: a caller matched by no group is refused. The first group that matc
 caller (by identity, username domain, Globus group, or membership of a project the file
 lists) and allows the mode and model decides. The file is a YAML document validated into
 frozen pydantic models (unknown keys rejected with their path and the closest known key;
-JSON Schema in ``policies/schema.json``); its sha256 goes with every decision, and
+JSON Schema in ``tpm_faas/data/policies/schema.json``); its sha256 goes with every decision, and
 :meth:`Policy.explain` says which group decides for a caller and why. :class:`PolicyStore`
 reloads a changed file and swaps the whole policy at once, keeping the old one if the new is
 invalid.
@@ -442,7 +442,7 @@ class PolicyStore:
 
 
 def json_schema() -> str:
-    """The JSON Schema of policy files (``policies/schema.json``)."""
+    """The JSON Schema of policy files (``tpm_faas/data/policies/schema.json``)."""
     import json
 
     from tpm_faas.modes import MODE_NAMES

@@ -10,9 +10,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import zmq
 from pydantic import ValidationError
 
+from tpm_faas._extras import require
 from tpm_faas.errors import ShardGroupError, ShardTimeout, TPMError
 from tpm_faas.protocol.shard import ShardMessage, ShardReply
 
@@ -37,8 +37,9 @@ class ShardClient:
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
         """Send one request and wait for its result; errors come back as :class:`TPMError`."""
+        zmq = require("zmq", "gateway")
         msg = ShardMessage(op=op, request_id=request_id or str(uuid.uuid4()), body=body or {})
-        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(self.address)

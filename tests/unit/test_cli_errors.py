@@ -13,7 +13,13 @@ import pytest
 
 from tpm_faas.compute.templates import TEMPLATES
 from tpm_faas.config import POLICIES
-from tpm_faas.errors import AuthError, ConfigError, LedgerError, PolicyDenied
+from tpm_faas.errors import (
+    AuthError,
+    ConfigError,
+    LedgerError,
+    PolicyDenied,
+    ServiceUnreachable,
+)
 from tpm_faas.modes import MODE_NAMES
 
 EXE = Path(sys.executable).parent / "tpm-faas"
@@ -124,7 +130,7 @@ def test_auth_setup_without_a_network_fails_in_seconds(tmp_path: Path) -> None:
         "--dry-run",
         env={"https_proxy": CLOSED, "HTTPS_PROXY": CLOSED, "HOME": str(tmp_path)},
     )
-    line = one_line_error(code, out, err, 1)
+    line = one_line_error(code, out, err, ServiceUnreachable.exit_code)
     assert "cannot reach https://auth.globus.org/" in line
     assert took < 15, took
 
@@ -145,7 +151,7 @@ def test_register_without_a_network_fails_in_seconds(tmp_path: Path) -> None:
             "GLOBUS_COMPUTE_CLIENT_SECRET": "s",
         },
     )
-    line = one_line_error(code, out, err, 1)
+    line = one_line_error(code, out, err, ServiceUnreachable.exit_code)
     assert "cannot reach https://" in line
     assert took < 15, took
     assert not (tmp_path / "m.json").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from _gateway import dead_shard_gateway
 
-from tpm_faas.config import SOURCE_POLICIES
+from tpm_faas.config import POLICIES
 from tpm_faas.errors import TPMError
 from tpm_faas.gateway.pipeline import Gateway
 
@@ -20,7 +20,7 @@ from tpm_faas.gateway.pipeline import Gateway
 @pytest.fixture
 def site(tmp_path: Path) -> tuple[Gateway, dict[str, str], Path]:
     policy = tmp_path / "policy.yaml"
-    text = (SOURCE_POLICIES / "local-dev.yaml").read_text()
+    text = (POLICIES / "local-dev.yaml").read_text()
     text = text.replace("requests_per_min: 6000", "requests_per_min: 3")
     text = text.replace("tokens_per_min: 10000000", "tokens_per_min: 400")
     policy.write_text(text)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from tpm_faas.config import SOURCE_POLICIES
+from tpm_faas.config import POLICIES
 from tpm_faas.errors import ConfigError, LimitExceeded, PolicyDenied
 from tpm_faas.policy import Policy, Usage, check_limit
 
-LOCAL = SOURCE_POLICIES / "local-dev.yaml"
+LOCAL = POLICIES / "local-dev.yaml"
 
 
 def test_local_dev_policy_loads() -> None:
@@ -117,14 +117,14 @@ def test_match_by_globus_group_and_by_project_membership() -> None:
 
 @pytest.mark.parametrize("name", ["local-dev.yaml", "provider-site.yaml", "byo.yaml"])
 def test_example_policies_are_valid(name: str) -> None:
-    p = Policy.load(SOURCE_POLICIES / name)
+    p = Policy.load(POLICIES / name)
     assert p.data.default == "deny" and p.data.groups
 
 
 def test_published_schema_is_current() -> None:
     from tpm_faas.policy import json_schema
 
-    assert (SOURCE_POLICIES / "schema.json").read_text() == json_schema()
+    assert (POLICIES / "schema.json").read_text() == json_schema()
 
 
 def test_reload_swaps_atomically_and_keeps_the_old_policy_if_invalid(tmp_path: Path) -> None:

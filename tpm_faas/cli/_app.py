@@ -24,22 +24,20 @@ from tpm_faas.errors import (
     PolicyDenied,
     RemoteError,
     RequestError,
+    ServiceUnreachable,
     ShardGroupError,
     TPMError,
 )
 
 PROG = "tpm-faas"
 
-#: Exit code of a Globus service (Auth, Compute) that cannot be reached: the root error's.
-NETWORK_EXIT = TPMError.exit_code
+#: Exit code of a Globus service (Auth, Compute) that cannot be reached.
+NETWORK_EXIT = ServiceUnreachable.exit_code
 
 #: The exit codes ``tpm-faas --help`` and docs/cli.md list, from the error tree.
 EXIT_CODES: tuple[tuple[int, str], ...] = (
     (0, "success"),
-    (
-        TPMError.exit_code,
-        "a check found problems (ledger reconcile, demo); a Globus service unreachable",
-    ),
+    (TPMError.exit_code, "a check found problems (ledger reconcile, demo)"),
     (RequestError.exit_code, "a bad argument or request (also click's usage errors)"),
     (AuthError.exit_code, "Globus Auth refused the credentials or the scopes"),
     (PolicyDenied.exit_code, "the site policy denies (policy explain)"),
@@ -50,6 +48,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
         "a missing, unreadable or invalid file; a missing home directory or extra",
     ),
     (RemoteError.exit_code, "an error raised on the endpoint"),
+    (ServiceUnreachable.exit_code, "a Globus service (Auth, Compute) cannot be reached"),
 )
 
 

@@ -141,7 +141,7 @@ def _price(decision: Any, mode: str, model: str, body: dict[str, Any]) -> dict[s
 
 @policy.command("schema")
 def policy_schema() -> None:
-    """Print the JSON Schema of policy files (policies/schema.json)."""
+    """Print the JSON Schema of policy files (tpm_faas/data/policies/schema.json)."""
     from tpm_faas.policy import json_schema
 
     click.echo(json_schema(), nl=False)

@@ -1,8 +1,9 @@
 """The embedded default: the whole path on one machine.
 
 A shard group started through Parsl (``LocalProvider``), a local endpoint running the real
-Globus Compute engine, a SQLite ledger, the ``policies/local-dev.yaml`` policy and a file of
-dev tokens, all under one state directory. :class:`EmbeddedSite` brings them up and down;
+Globus Compute engine, a SQLite ledger, the bundled ``local-dev.yaml`` policy
+(``tpm_faas/data/policies``) and a file of dev tokens, all under one state directory.
+:class:`EmbeddedSite` brings them up and down;
 ``tpm-faas demo`` and the integration tests use it.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 import yaml
 
 from tpm_faas.client import TPMClient
-from tpm_faas.config import SOURCE_POLICIES, Settings
+from tpm_faas.config import POLICIES, Settings
 from tpm_faas.gateway.ledger import Ledger
 from tpm_faas.modes import MODE_NAMES
 
@@ -33,8 +34,9 @@ class DevUser:
     su: float
 
 
-#: Dev users of ``policies/local-dev.yaml`` and the SU their projects start with. Every
-#: token carries every mode's scope: the reader's too (the site policy keeps it from embed).
+#: Dev users of the bundled ``local-dev.yaml`` policy and the SU their projects start with.
+#: Every token carries every mode's scope: the reader's too (the site policy keeps it from
+#: embed).
 DEV_USERS: dict[str, DevUser] = {
     "dev": DevUser("dev@localhost", MODE_NAMES, "demo", 100.0),
     "reader": DevUser("reader@localhost", MODE_NAMES, "readers", 10.0),
@@ -83,7 +85,7 @@ class EmbeddedSite:
     home: Path
     tp_size: int = 1
     model: str = "demo-tpm@1"
-    policy_path: Path = field(default_factory=lambda: SOURCE_POLICIES / "local-dev.yaml")
+    policy_path: Path = field(default_factory=lambda: POLICIES / "local-dev.yaml")
     model_roots: tuple[Path, ...] | None = None
     dtype: str = "float32"
     settings: Settings = field(init=False)
