@@ -20,6 +20,7 @@ from typing import Any
 
 from tpm_faas.errors import RequestError, TPMError
 from tpm_faas.modes import by_shard_op
+from tpm_faas.modes.intervene import model_shape
 from tpm_faas.protocol import codec
 from tpm_faas.protocol.shard import EmbedBody, InterveneBody, QueryBody, parse_body
 from tpm_faas.registry import GroupEntry, ModelInfo
@@ -132,14 +133,7 @@ def _embed(b: EmbedBody, model: ModelInfo) -> dict[str, Any]:
 
 
 def _intervene(fake: FakeShard, b: InterveneBody, model: ModelInfo) -> dict[str, Any]:
-    m = ModelShape(
-        architecture=model.architecture,
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        num_heads=model.num_heads,
-        head_dim=model.head_dim,
-        vocab_size=model.vocab_size,
-    )
+    m = model_shape(model)
     tok = ByteTokenizer()
     runs = []
     for index, prompt in enumerate(b.prompts):
