@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/interventions.py
 	$(VENV)/bin/python bench/ledger.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python bench/shard_memory.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python bench/fuzz.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tpm_faas tests bench

@@ -30,6 +30,9 @@ SITES = [
     "blocks.1.hook_resid_post",
     "blocks.9.attn.hook_z",
     "blocks.-1.hook_mlp_out",
+    "blocks.01.hook_resid_post",  # one spelling per site (issue 12): no leading zero,
+    "blocks.\u0661.hook_resid_post",  # no non-ASCII digit
+    "blocks.1.hook_resid_post\n",
     "hook_q",
     "__import__('os')",
     "",
@@ -174,8 +177,10 @@ def test_validator_never_crashes(raw: dict[str, Any]) -> None:
         _check_error(e)
         return
     # Admitted: the normalised spec names only real sites and in-range indices.
-    for op in adm.body["ops"]:
+    for op, asked in zip(adm.body["ops"], req.ops, strict=True):
         assert op["sites"] and all(isinstance(s, str) for s in op["sites"])
+        if asked.site not in BLOCK_SITES:  # a full name is admitted only as spelled canonically
+            assert op["sites"] == [asked.site]
         for pos, p in zip(op["positions"], op["prompts"], strict=True):
             assert all(0 <= i < len(req.prompts[p].encode()) + 1 for i in pos)
         assert op["heads"] is None or all(0 <= h < 8 for h in op["heads"])
