@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -260,3 +261,58 @@ def test_shutdown_fails_pending_tasks_and_stops_cleanly(tmp_path: Path) -> None:
             fut.result(timeout=10)
     left = _engine_processes(run_dir)
     assert {pid: left[pid] for pid in left.keys() - before} == {}
+
+
+def nap_and_say(path: str, seconds: float) -> int:
+    """Write this worker's pid to ``path``, then sleep (shipped as source text)."""
+    import os
+    import time
+
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_a_killed_busy_worker_fails_its_task_and_is_replaced(tmp_path: Path) -> None:
+    """Issue 12, defect 6 (one worker): SIGKILL of the worker running a task fails that task
+    with Parsl's WorkerLost within seconds (the pool's watchdog looks every heartbeat
+    period), the pool starts another worker, nothing is left a zombie, and the next task
+    runs."""
+    run_dir = (tmp_path / "ep").resolve()
+    before = set(_engine_processes(run_dir))
+    with LocalEndpoint(run_dir, max_workers=1) as ep:
+        fid = ep.register_function(nap_and_say)
+        say = tmp_path / "pid"
+        assert ep.run(fid, str(say), 0.0, timeout=TASK_TIMEOUT) > 0  # warm
+        say.unlink()
+        fut = ep.submit(fid, str(say), 60.0)
+        deadline = time.monotonic() + TASK_TIMEOUT
+        while not say.exists() or not say.read_text():
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.05)
+        victim = int(say.read_text())
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        exc = fut.exception(timeout=30)
+        waited = time.monotonic() - t0
+        assert isinstance(exc, RemoteTaskError), exc
+        assert "WorkerLost" in str(exc) or "ManagerLost" in str(exc), exc
+        assert waited < 8, waited  # Parsl's default heartbeat period (30 s) looks too late
+        print(f"\n[local-endpoint] killed worker reported after {waited:.1f} s")
+        say.unlink()
+        again = ep.run(fid, str(say), 0.0, timeout=TASK_TIMEOUT)
+        assert again != victim
+        gone = _pid_state(victim)
+        assert gone is None, f"the killed worker is still there ({gone})"
+    left = _engine_processes(run_dir)
+    assert {pid: left[pid] for pid in left.keys() - before} == {}
+
+
+def _pid_state(pid: int) -> str | None:
+    """The state letter of ``pid`` (``Z``: a zombie), or ``None`` if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()[0]

@@ -58,6 +58,7 @@ from globus_compute_common.messagepack.message_types import Result, Task
 from globus_compute_endpoint.engines import GlobusComputeEngine
 from globus_compute_endpoint.engines.base import GCFuture
 from globus_compute_sdk.serialize import ComputeSerializer, JSONData, PureSourceTextInspect
+from parsl.jobs.error_handlers import windowed_error_handler
 from parsl.providers import LocalProvider
 
 __all__ = [
@@ -91,6 +92,16 @@ _SERDE: Final = ComputeSerializer(
 )
 
 _SHUTDOWN_GRACE_S: Final = 10.0
+
+#: Seconds between the worker pool's heartbeats to the interchange, which is also how often
+#: the pool's watchdog looks for dead workers (Parsl's default is 30).
+HEARTBEAT_PERIOD_S: Final = 1
+#: Seconds without a heartbeat after which the interchange declares a pool lost and fails its
+#: tasks with ``ManagerLost`` (Parsl's default is 120).
+HEARTBEAT_THRESHOLD_S: Final = 10
+#: Seconds between two looks of :class:`_PoolWatch` at the block's processes.
+_WATCH_PERIOD_S: Final = 0.5
+_POOL: Final = "process_worker_pool"
 
 
 class RemoteTaskError(RuntimeError):
@@ -273,6 +284,126 @@ def _process_table() -> list[tuple[int, int, str]] | None:
     return table
 
 
+def _processes() -> dict[int, tuple[int, int, str, str]]:
+    """``pid -> (ppid, pgid, state, cmdline)`` of every process from ``/proc`` (or none)."""
+    out: dict[int, tuple[int, int, str, str]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return out
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) >= 3:
+            out[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0], cmdline)
+    return out
+
+
+class _PoolWatch:
+    """Replaces a worker pool that can no longer serve.
+
+    Parsl's pool restarts a dead worker itself (its watchdog looks every heartbeat period and
+    fails the task the worker was running with ``WorkerLost``), and the interchange fails the
+    tasks of a pool that stopped beating with ``ManagerLost``. What neither sees is a pool
+    whose own helper processes were killed with its workers (its queue manager, the
+    resource tracker): the pool process lives on and keeps beating, but its watchdog thread
+    died on the broken queue, so the killed workers stay zombies, the task never fails and no
+    later task runs. This watch counts the live children of each block's pool process; when
+    they stay below the most it has seen for ``grace_s`` (longer than Parsl needs to restart
+    a worker), or the pool process is gone while others of its block live on, it kills the
+    block's process group. The interchange then fails the block's tasks (``ManagerLost``,
+    ``heartbeat_threshold`` seconds after the last beat), the killed processes are reaped
+    by their parents, and the provider's next status poll lets the scaling strategy start a
+    new block.
+    """
+
+    def __init__(self, provider: Any, *, grace_s: float, period_s: float = _WATCH_PERIOD_S) -> None:
+        self.provider = provider
+        self.grace_s = grace_s
+        self.period_s = period_s
+        self.replaced = 0  # blocks this watch has killed
+        self._pgids: dict[str, int] = {}  # job id -> its process group
+        self._pools: dict[int, int] = {}  # process group -> its pool process, once seen
+        self._strength: dict[int, int] = {}  # pool pid -> most live children seen
+        self._short_since: dict[int, float] = {}  # pool pid -> since when below strength
+        self._killed: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="local-endpoint-pool-watch")
+        self._thread.daemon = True
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self.check()
+            except Exception:  # never let the watch die: log and look again
+                log.exception("the worker pool watch failed; looking again")
+
+    def check(self, now: float | None = None) -> list[int]:
+        """One look; returns the process groups killed."""
+        now = time.monotonic() if now is None else now
+        try:
+            jobs = list(getattr(self.provider, "resources", {}).items())
+        except RuntimeError:  # changed while copied (a block being submitted): next look
+            return []
+        table = _processes()
+        killed = []
+        for job_id, job in jobs:
+            pgid = self._pgids.get(job_id)
+            if pgid is None:
+                pid = job.get("remote_pid")
+                if pid is None or int(pid) not in table:
+                    continue
+                pgid = self._pgids[job_id] = table[int(pid)][1]
+            if pgid in self._killed:
+                continue
+            members = {p: v for p, v in table.items() if v[1] == pgid and v[2] not in "ZX"}
+            # The pool process: the member running process_worker_pool whose parent does not
+            # (the bash of the submit script only names the script).
+            pools = [
+                p
+                for p, v in members.items()
+                if _POOL in v[3] and _POOL not in members.get(v[0], (0, 0, "", ""))[3]
+            ]
+            reason = None
+            if pools:
+                pool = self._pools.setdefault(pgid, pools[0])
+                if pool not in members:
+                    reason = f"its pool process {pool} is gone"
+                else:
+                    live = sum(1 for v in table.values() if v[0] == pool and v[2] not in "ZX")
+                    strength = self._strength[pool] = max(self._strength.get(pool, 0), live)
+                    if live >= strength:
+                        self._short_since.pop(pool, None)
+                    elif now - self._short_since.setdefault(pool, now) > self.grace_s:
+                        reason = (
+                            f"its pool {pool} has had {live} of its {strength} processes for "
+                            f"over {self.grace_s:.0f} s"
+                        )
+            elif pgid in self._pools and members:
+                reason = f"its pool process {self._pools[pgid]} is gone"
+            if reason is not None:
+                log.warning("worker block %s cannot serve (%s): killing it", job_id, reason)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+                self._killed.add(pgid)
+                self.replaced += 1
+                killed.append(pgid)
+        return killed
+
+
 def _live_groups(pgids: Iterable[int]) -> set[int]:
     """The process groups among ``pgids`` that still have a live (non-zombie) member."""
     wanted = set(pgids)
@@ -312,6 +443,21 @@ class LocalEndpoint:
     :param encrypted: CurveZMQ between engine, interchange and workers
     :param strategy_period: seconds between Parsl scaling ticks; the block is launched at the
         first tick, so this bounds the delay before the first task can run
+    :param heartbeat_period: seconds between the pool's heartbeats, and between its
+        watchdog's looks for dead workers (a dead busy worker fails its task with Parsl's
+        ``WorkerLost`` within about this long and is restarted)
+    :param heartbeat_threshold: seconds without a heartbeat after which the interchange fails
+        a pool's tasks with ``ManagerLost``
+
+    **Lost workers.** A killed worker fails the task it ran (``WorkerLost``, within
+    ``heartbeat_period``) and the pool starts another. A pool that cannot recover (its own
+    helper processes killed with the workers, or the pool process itself killed) is killed
+    whole by a watch thread (see :class:`_PoolWatch`) after ``3 * heartbeat_period + 2``
+    seconds; its tasks fail with ``ManagerLost`` ``heartbeat_threshold`` seconds after its
+    last heartbeat, and a new block is started at the provider's next status poll (every
+    5 s). Tasks are never retried (``max_retries_on_system_failure=0``): a request may have
+    run in part, and its caller decides. Three blocks in a row that fail put the engine in
+    a failed state (Parsl's windowed block error handler) instead of restarting forever.
     """
 
     def __init__(
@@ -322,6 +468,8 @@ class LocalEndpoint:
         env: Mapping[str, str] | None = None,
         encrypted: bool = True,
         strategy_period: float = 0.5,
+        heartbeat_period: int = HEARTBEAT_PERIOD_S,
+        heartbeat_threshold: int = HEARTBEAT_THRESHOLD_S,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, got {max_workers}")
@@ -331,6 +479,14 @@ class LocalEndpoint:
         self.max_workers = max_workers
         self.encrypted = encrypted
         self.strategy_period = strategy_period
+        if not 1 <= heartbeat_period < heartbeat_threshold:
+            raise ValueError(
+                "heartbeat_period must be at least 1 and less than heartbeat_threshold, got "
+                f"{heartbeat_period} and {heartbeat_threshold}"
+            )
+        self.heartbeat_period = int(heartbeat_period)
+        self.heartbeat_threshold = int(heartbeat_threshold)
+        self._watch: _PoolWatch | None = None
         self.endpoint_id = uuid.uuid4()
         self._env = {str(k): str(v) for k, v in (env or {}).items()}
         self._saved_env: dict[str, str | None] = {}
@@ -371,9 +527,17 @@ class LocalEndpoint:
                 encrypted=self.encrypted,
                 allowed_serializers=list(ALLOWED_SERIALIZERS),
                 job_status_kwargs={"strategy_period": self.strategy_period},
+                heartbeat_period=self.heartbeat_period,
+                heartbeat_threshold=self.heartbeat_threshold,
+                max_retries_on_system_failure=0,
+                block_error_handler=windowed_error_handler,
             )
             try:
                 engine.start(endpoint_id=self.endpoint_id, run_dir=str(self.run_dir))
+                self._watch = _PoolWatch(
+                    engine.executor.provider, grace_s=3 * self.heartbeat_period + 2
+                )
+                self._watch.start()
             except BaseException:
                 try:
                     engine.shutdown()
@@ -421,6 +585,9 @@ class LocalEndpoint:
             if engine is None:
                 self._restore_env()
                 return
+            watch, self._watch = self._watch, None
+            if watch is not None:  # before the pool is stopped: its exit is not a failure
+                watch.stop()
             pgids = self._block_pgids(engine)
             interchange = getattr(getattr(engine, "executor", None), "interchange_proc", None)
             try:
