@@ -19,6 +19,22 @@ project's balance row and inserts a new hold row; a post or void locks the hold 
 balance row; so no two transactions wait on each other in a cycle. :meth:`Ledger.reconcile`
 checks that the running sums equal the sums of the transfers.
 
+**Orphaned holds.** Each hold records its owner: the process that made it (its pid and start
+time) and the host that process runs on (hostname, kernel boot id and PID namespace, so that
+two machines or two containers never share a key). A worker killed between hold and post
+cannot void its hold; any other process of the same host does, without an operator: every
+ledger looks for holds of its host whose owner process is gone (no such pid, a zombie, or a
+pid since reused: another start time) before its first hold and then at most every
+:data:`ORPHAN_SWEEP_S` seconds (:meth:`Ledger.void_orphans`, one indexed query when there is
+nothing to void). A host never judges another host's holds: those (and holds made where
+``/proc`` is missing) are voided at their expiry. A void that fails because the database is
+unreachable is kept and retried by the same sweep (:meth:`Ledger.void_orphans`), only while
+the hold is still this process's.
+
+A database that does not answer (connection refused, dropped or timed out) is a
+:class:`~tpm_faas.errors.LedgerError` with code ``ledger_unavailable`` from every charging
+call (:func:`unavailable`); nothing is charged by a call that raised it before its commit.
+
 A ledger that cannot be opened is one error naming it: :class:`~tpm_faas.errors.ConfigError`
 for a SQLite file in a directory that does not exist or a URL that names no database
 SQLAlchemy knows, :class:`~tpm_faas.errors.LedgerError` for a server that does not answer
@@ -29,7 +45,10 @@ without its password (:func:`safe_url`).
 from __future__ import annotations
 
 import fcntl
+import functools
+import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -37,7 +56,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -52,7 +71,16 @@ from tpm_faas.errors import (
     RateLimited,
 )
 
+log = logging.getLogger(__name__)
+
 _NS = uuid.UUID("6f1c1f8e-3c1d-4a8e-9a51-6d2f9e0b7a10")
+
+#: Seconds between two looks of a ledger for orphaned holds of its host (and failed voids to
+#: retry); the first look is before its first hold.
+ORPHAN_SWEEP_S = 5.0
+
+#: What SQLAlchemy raises when the database does not answer (see :func:`unavailable`).
+UNAVAILABLE: tuple[type[Exception], ...] = (sa.exc.OperationalError, sa.exc.InterfaceError)
 
 #: Seconds a PostgreSQL server has to accept a connection (``connect_timeout`` in the URL's
 #: query overrides it): an unreachable ledger fails in seconds, not after the OS gives up.
@@ -109,6 +137,10 @@ holds = sa.Table(
     # A voided request may be held again (a client failing over to another endpoint with the
     # same request id); each attempt has its own hold/release transfers.
     sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
+    # The process that made the hold (see "Orphaned holds" above); "" where unknown.
+    sa.Column("owner_host", sa.String(256), nullable=False, server_default=""),
+    sa.Column("owner_pid", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("owner_start", sa.BigInteger, nullable=False, server_default="0"),
     sa.Index("ix_holds_state", "state", "expires_at"),
 )
 
@@ -153,6 +185,18 @@ _SETTLE = (
     .where(_b.project == sa.bindparam("p"))
     .values(held=_b.held - sa.bindparam("released"), charged=_b.charged + sa.bindparam("charge"))
 )
+_VOID_ORPHAN = (
+    holds.update()
+    .where(
+        _h.request_id == sa.bindparam("r"),
+        _h.state == "held",
+        _h.owner_host == sa.bindparam("host"),
+        _h.owner_pid == sa.bindparam("pid"),
+        _h.owner_start == sa.bindparam("start"),
+    )
+    .values(state="voided", finished_at=sa.bindparam("now"))
+    .returning(_h.project, _h.amount, _h.mode, _h.identity, _h.attempt)
+)
 _IDENTITY_LOCK = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))")
 _STATE = sa.select(_h.state).where(_h.request_id == sa.bindparam("r"))
 
@@ -191,6 +235,82 @@ def safe_url(url: str) -> str:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:
         return "<not a database URL>"
+
+
+def unavailable(e: BaseException, url: str = "") -> LedgerError:
+    """The error a caller gets when the ledger's database does not answer."""
+    where = f" {safe_url(url)}" if url else ""
+    reason = _reason(e) if isinstance(e, sa.exc.DBAPIError) else str(e)
+    return LedgerError(
+        f"the ledger database{where} is unavailable ({reason}); try again shortly",
+        code="ledger_unavailable",
+    )
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _available(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` with a database that does not answer raised as :func:`unavailable`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except UNAVAILABLE as e:
+            ledger = args[0]
+            raise unavailable(e, getattr(ledger, "url", "")) from e
+
+    return wrapper
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """``(state, start time in clock ticks since boot)`` of ``pid``; ``None`` if none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2 :].split()
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _host_key() -> str:
+    """This host as the ledger names it: hostname, kernel boot id and PID namespace ("" where
+    ``/proc`` does not say, and then no hold of this host is judged an orphan)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{socket.gethostname()}/{boot}/{pidns}"[:256]
+
+
+@functools.lru_cache(maxsize=4)
+def _owner_of(pid: int) -> tuple[str, int, int]:
+    host = _host_key()
+    stat = _proc_stat(pid) if host else None
+    if stat is None:
+        return "", pid, 0
+    return host, pid, stat[1]
+
+
+def process_owner() -> tuple[str, int, int]:
+    """``(host, pid, start time)`` of this process, as recorded on the holds it makes."""
+    return _owner_of(os.getpid())
+
+
+def owner_alive(host: str, pid: int, start: int) -> bool | None:
+    """Whether the owner of a hold still runs: ``None`` if it is not on this host (or the
+    owner is unknown), so that only its own host judges it."""
+    if not host or host != process_owner()[0]:
+        return None
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in "ZX" and stat[1] == start
 
 
 def to_su(micro: int) -> float:
@@ -236,9 +356,19 @@ class Reconciliation:
 class Ledger:
     """A ledger on the database at ``url`` (tables are created if missing)."""
 
-    def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        orphan_sweep_s: float = ORPHAN_SWEEP_S,
+    ) -> None:
         self.url = url
         self._clock = clock
+        self.orphan_sweep_s = orphan_sweep_s
+        self._swept_at = float("-inf")  # monotonic time of the last orphan sweep
+        self._unvoided: set[str] = set()  # voids that failed: retried by the sweep
+        self._sweep_lock = threading.Lock()
         self.engine: Engine = _make_engine(url)
         self._writer = _WriterLock(url)
         try:
@@ -258,6 +388,7 @@ class Ledger:
         self._reserve_sql, self._insert_hold_sql = _Sql(_RESERVE, d), _Sql(_INSERT_HOLD, d)
         self._transfers_sql, self._settle_sql = _Sql(_INSERT_TRANSFERS, d), _Sql(_SETTLE, d)
         self._post_sql, self._void_sql = _Sql(_POST, d), _Sql(_VOID, d)
+        self._void_orphan_sql = _Sql(_VOID_ORPHAN, d)
 
     def _migrate(self) -> None:
         """Bring a ledger made by an earlier tpm_faas up to this schema."""
@@ -273,6 +404,18 @@ class Ledger:
                 c.execute(holds.update().values(finished_at=holds.c.created_at))
             if "attempt" not in cols:
                 c.exec_driver_sql("ALTER TABLE holds ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1")
+            if "owner_host" not in cols:  # holds made before: left to their expiry
+                c.exec_driver_sql(
+                    "ALTER TABLE holds ADD COLUMN owner_host VARCHAR(256) NOT NULL DEFAULT ''"
+                )
+            if "owner_pid" not in cols:
+                c.exec_driver_sql(
+                    "ALTER TABLE holds ADD COLUMN owner_pid INTEGER NOT NULL DEFAULT 0"
+                )
+            if "owner_start" not in cols:
+                c.exec_driver_sql(
+                    "ALTER TABLE holds ADD COLUMN owner_start BIGINT NOT NULL DEFAULT 0"
+                )
             known = {r.project for r in c.execute(sa.select(balances.c.project))}
             for (name,) in c.execute(sa.select(projects.c.name)).all():
                 if name not in known:  # running sums from the transfers
@@ -315,6 +458,7 @@ class Ledger:
             yield conn
 
     # -- allocations --------------------------------------------------------------------
+    @_available
     def credit(
         self,
         project: str,
@@ -384,6 +528,7 @@ class Ledger:
             return [dict(r._mapping) for r in c.execute(q)]
 
     # -- two-phase charging -------------------------------------------------------------
+    @_available
     def hold(
         self,
         request_id: str,
@@ -400,6 +545,8 @@ class Ledger:
         the transaction that makes the hold."""
         if amount_micro < 0:
             raise LedgerError("a hold cannot be negative")
+        self._maybe_sweep()
+        host, pid, start = process_owner()
         for attempt in (1, 2):
             now = self._clock()
             h = Hold(request_id, project, amount_micro, now + ttl_s)
@@ -418,6 +565,9 @@ class Ledger:
                                 "identity": identity,
                                 "created_at": now,
                                 "expires_at": h.expires_at,
+                                "owner_host": host,
+                                "owner_pid": pid,
+                                "owner_start": start,
                             },
                         )
                         self._transfers(
@@ -443,6 +593,7 @@ class Ledger:
 
     def _rehold(self, h: Hold, mode: str, identity: str, now: float, max_open: int | None) -> Hold:
         """Hold a request id again whose earlier attempt was voided; refuse any other reuse."""
+        host, pid, start = process_owner()
         with self._tx() as c:
             state = c.execute(_STATE, {"r": h.request_id}).scalar()
             if state != "voided":
@@ -466,6 +617,9 @@ class Ledger:
                     expires_at=h.expires_at,
                     finished_at=None,
                     attempt=holds.c.attempt + 1,
+                    owner_host=host,
+                    owner_pid=pid,
+                    owner_start=start,
                 )
                 .returning(holds.c.project, holds.c.attempt)
             ).first()
@@ -483,6 +637,7 @@ class Ledger:
             )
         return h
 
+    @_available
     def post(self, request_id: str, actual_micro: int) -> int:
         """Charge the actual cost of a held request (capped at the hold); returns the charge."""
         now = self._clock()
@@ -507,13 +662,75 @@ class Ledger:
         return charged
 
     def void(self, request_id: str) -> bool:
-        """Release a held request without charging; ``False`` if it was not held."""
-        with self._tx() as c:
-            return self._void(c, request_id, self._clock())
+        """Release a held request without charging; ``False`` if it was not held.
 
+        If the database does not answer, the void is kept and retried by this ledger's next
+        sweep (:meth:`void_orphans`) as long as the hold is still this process's, and
+        :func:`unavailable` is raised.
+        """
+        try:
+            with self._tx() as c:
+                voided = self._void(c, request_id, self._clock())
+        except UNAVAILABLE as e:
+            with self._sweep_lock:
+                self._unvoided.add(request_id)
+            raise unavailable(e, self.url) from e
+        with self._sweep_lock:
+            self._unvoided.discard(request_id)
+        return voided
+
+    @_available
     def expire_holds(self) -> int:
-        """Void every hold past its expiry; returns how many."""
-        return self._expire(None)
+        """Void every hold past its expiry, and every orphaned hold of this host (see
+        :meth:`void_orphans`); returns how many."""
+        return self._expire(None) + self.void_orphans()
+
+    @_available
+    def void_orphans(self) -> int:
+        """Void the open holds of this host whose owner process is gone, and retry the voids
+        of this process that failed; returns how many holds were voided.
+
+        An owner is gone when its pid does not exist, is a zombie, or started at another
+        time (the pid was reused). Holds made on other hosts are left alone: only their own
+        host can tell (they are voided at their expiry if their host is gone too).
+        """
+        host, me, my_start = process_owner()
+        now = self._clock()
+        n = 0
+        with self._sweep_lock:
+            retry = sorted(self._unvoided)
+        for rid in retry:  # this process's own failed voids, while the hold is still ours
+            with self._tx() as c:
+                n += self._void(c, rid, now, owner=(host, me, my_start))
+            with self._sweep_lock:
+                self._unvoided.discard(rid)
+        if not host:
+            return n
+        q = sa.select(_h.request_id, _h.owner_pid, _h.owner_start).where(
+            _h.state == "held", _h.owner_host == host
+        )
+        with self._read() as c:
+            mine = c.execute(q).all()
+        for rid, pid, start in mine:
+            if owner_alive(host, int(pid), int(start)) is False:
+                with self._tx() as c:
+                    if self._void(c, rid, now, owner=(host, int(pid), int(start))):
+                        log.warning(
+                            "voided hold %s: its owner process %s on this host is gone", rid, pid
+                        )
+                        n += 1
+        return n
+
+    def _maybe_sweep(self) -> None:
+        """:meth:`void_orphans` before the first hold and then every ``orphan_sweep_s``."""
+        t = time.monotonic()
+        if t - self._swept_at < self.orphan_sweep_s:
+            return
+        self._swept_at = t
+        try:
+            self.void_orphans()
+        except LedgerError as e:  # the hold that follows reports the database's state
+            log.warning("looking for orphaned holds failed: %s", e)
 
     # -- reading ------------------------------------------------------------------------
     def open_holds(
@@ -667,10 +884,22 @@ class Ledger:
         return DuplicateRequest(f"request {request_id} is already {state}")
 
     def _void(
-        self, c: Connection, request_id: str, now: float, *, expired_only: bool = False
+        self,
+        c: Connection,
+        request_id: str,
+        now: float,
+        *,
+        expired_only: bool = False,
+        owner: tuple[str, int, int] | None = None,
     ) -> bool:
-        until = now if expired_only else float("inf")
-        row = self._void_sql.run(c, {"r": request_id, "now": now, "until": until}).first()
+        if owner is not None:  # only while the hold is still that process's
+            host, pid, start = owner
+            row = self._void_orphan_sql.run(
+                c, {"r": request_id, "now": now, "host": host, "pid": pid, "start": start}
+            ).first()
+        else:
+            until = now if expired_only else float("inf")
+            row = self._void_sql.run(c, {"r": request_id, "now": now, "until": until}).first()
         if row is None:
             return False
         amount = int(row.amount)

@@ -42,7 +42,7 @@ from tpm_faas.gateway.auth import (
     LocalIntrospector,
     Principal,
 )
-from tpm_faas.gateway.ledger import Ledger, to_su
+from tpm_faas.gateway.ledger import UNAVAILABLE, Ledger, to_su, unavailable
 from tpm_faas.gateway.ratelimit import RateLimiter
 from tpm_faas.modes import Mode, get_mode
 from tpm_faas.modes.base import sha256_json
@@ -145,6 +145,10 @@ class Gateway:
         except TPMError as e:
             e.request_id = request_id
             raise
+        except UNAVAILABLE as e:  # the ledger's database (its rate buckets) did not answer
+            err = unavailable(e, self.ledger.url)
+            err.request_id = request_id
+            raise err from e
 
     def _admit_and_run(
         self, mode: Mode, request: Any, request_id: str, token: str | None, started: float
