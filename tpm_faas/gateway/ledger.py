@@ -369,6 +369,7 @@ class Ledger:
         self._swept_at = float("-inf")  # monotonic time of the last orphan sweep
         self._unvoided: set[str] = set()  # voids that failed: retried by the sweep
         self._sweep_lock = threading.Lock()
+        self._retrier: threading.Thread | None = None
         self.engine: Engine = _make_engine(url)
         self._writer = _WriterLock(url)
         try:
@@ -664,9 +665,10 @@ class Ledger:
     def void(self, request_id: str) -> bool:
         """Release a held request without charging; ``False`` if it was not held.
 
-        If the database does not answer, the void is kept and retried by this ledger's next
-        sweep (:meth:`void_orphans`) as long as the hold is still this process's, and
-        :func:`unavailable` is raised.
+        If the database does not answer, :func:`unavailable` is raised and the void is kept:
+        a thread of this ledger retries it every second or so (and every sweep,
+        :meth:`void_orphans`) until the database answers, as long as the hold is still this
+        process's.
         """
         try:
             with self._tx() as c:
@@ -674,6 +676,11 @@ class Ledger:
         except UNAVAILABLE as e:
             with self._sweep_lock:
                 self._unvoided.add(request_id)
+                if self._retrier is None or not self._retrier.is_alive():
+                    self._retrier = threading.Thread(
+                        target=self._retry_voids, name="ledger-void-retry", daemon=True
+                    )
+                    self._retrier.start()
             raise unavailable(e, self.url) from e
         with self._sweep_lock:
             self._unvoided.discard(request_id)
@@ -694,16 +701,9 @@ class Ledger:
         time (the pid was reused). Holds made on other hosts are left alone: only their own
         host can tell (they are voided at their expiry if their host is gone too).
         """
-        host, me, my_start = process_owner()
+        host = process_owner()[0]
         now = self._clock()
-        n = 0
-        with self._sweep_lock:
-            retry = sorted(self._unvoided)
-        for rid in retry:  # this process's own failed voids, while the hold is still ours
-            with self._tx() as c:
-                n += self._void(c, rid, now, owner=(host, me, my_start))
-            with self._sweep_lock:
-                self._unvoided.discard(rid)
+        n = self._void_unvoided()
         if not host:
             return n
         q = sa.select(_h.request_id, _h.owner_pid, _h.owner_start).where(
@@ -720,6 +720,37 @@ class Ledger:
                         )
                         n += 1
         return n
+
+    def _void_unvoided(self) -> int:
+        """Retry this process's failed voids (only while each hold is still ours)."""
+        owner = process_owner()
+        with self._sweep_lock:
+            retry = sorted(self._unvoided)
+        n = 0
+        for rid in retry:
+            with self._tx() as c:
+                n += self._void(c, rid, self._clock(), owner=owner)
+            with self._sweep_lock:
+                self._unvoided.discard(rid)
+        return n
+
+    def _retry_voids(self) -> None:
+        """The thread behind a failed :meth:`void`: retry until the database answers."""
+        wait = 1.0
+        while True:
+            time.sleep(wait)
+            try:
+                self._void_unvoided()
+            except (sa.exc.OperationalError, sa.exc.InterfaceError, LedgerError):
+                wait = min(wait * 1.5, 5.0)
+            except Exception:  # not the database's state: leave the hold to its expiry
+                log.exception("retrying a failed void failed; the hold will expire")
+                with self._sweep_lock:
+                    self._unvoided.clear()
+            with self._sweep_lock:
+                if not self._unvoided:
+                    self._retrier = None
+                    return
 
     def _maybe_sweep(self) -> None:
         """:meth:`void_orphans` before the first hold and then every ``orphan_sweep_s``."""
