@@ -77,8 +77,8 @@ def check(dtype: str, shape: Sequence[int], data: str) -> int:
             "tensor data is not valid base64 (standard alphabet A-Z a-z 0-9 + /, '=' padding "
             "only at the end)"
         )
-    if n % 3 and data[-1] != "=":
-        raise TensorError("tensor data is not valid base64 (missing padding)")
+    if len(data) - len(data.rstrip("=")) != -n % 3:  # the '=' padding that n bytes need
+        raise TensorError(f"tensor data is not valid base64 ({-n % 3} '=' of padding needed)")
     return n
 
 

@@ -167,13 +167,14 @@ def _saved(
     site: Site, e: dict[str, Any], m: ModelShape, n_prompt: int, n_new: int
 ) -> dict[str, Any]:
     positions = list(e["positions"])
-    if e["gen"]:
-        positions += list(range(n_prompt, n_prompt + n_new))
+    if e["gen"]:  # k new tokens: the first k - 1 are fed back through the model
+        positions += list(range(n_prompt, n_prompt + max(n_new - 1, 0)))
     shape = site.shape(m)
     entry: dict[str, Any] = {"positions": positions}
-    if site.per_head and e["heads"] is not None:
-        shape = [len(e["heads"]), m.head_dim]
-        entry["heads"] = e["heads"]
+    if site.per_head:
+        heads = e["heads"] if e["heads"] is not None else list(range(m.num_heads))
+        shape = [len(heads), m.head_dim]
+        entry["heads"] = heads
     entry["tensor"] = _zeros([len(positions), *shape])
     return entry
 
