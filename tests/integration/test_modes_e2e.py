@@ -80,7 +80,8 @@ def test_intervene_logit_lens_matches_generation(site: EmbeddedSite) -> None:
     saved = r.saved
     assert set(saved) == {"blocks.0.hook_resid_post", "blocks.3.hook_resid_post"}
     assert saved["blocks.3.hook_resid_post"].shape == (2, 256)
-    assert r.output["results"][0]["saved"]["blocks.0.hook_resid_post"]["positions"] == [0, 26]
+    # Rows in the order asked: position -1 (the last, 26), then 0.
+    assert r.output["results"][0]["saved"]["blocks.0.hook_resid_post"]["positions"] == [26, 0]
     assert r.usage["hooked_sites"] == 4
     assert len(r.receipt["intervention_sha256"]) == 64
 
