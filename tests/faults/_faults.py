@@ -1,4 +1,4 @@
-"""Helpers of the fault suite (imported by its tests as ``_faults``)."""
+"""Helpers of the fault suite (imported by its tests as ``faults._faults``)."""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _faults import FAULTS_DB, _pg_admin, fresh_database
 
+from faults._faults import FAULTS_DB, _pg_admin, fresh_database
 from tpm_faas.testing.embedded import EmbeddedSite
 
 

@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 import pytest
-from _faults import alive, assert_books_clean, pool_of, wait_for
 
+from faults._faults import alive, assert_books_clean, pool_of, wait_for
 from tpm_faas.errors import RemoteError
 from tpm_faas.testing.embedded import EmbeddedSite
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from _faults import alive, assert_books_clean, hold_row, wait_for
 
+from faults._faults import alive, assert_books_clean, hold_row, wait_for
 from tpm_faas.gateway.ledger import Ledger, holds, process_owner
 from tpm_faas.testing.embedded import EmbeddedSite
 

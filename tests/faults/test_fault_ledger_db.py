@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from _faults import (
+from faults._faults import (
     FAULTS_DB,
     assert_books_clean,
     cut_database,
@@ -21,7 +21,6 @@ from _faults import (
     restore_database,
     wait_for,
 )
-
 from tpm_faas.errors import RemoteError
 from tpm_faas.testing.embedded import EmbeddedSite
 

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from _faults import assert_books_clean, wait_for
 from click.testing import CliRunner
 
+from faults._faults import assert_books_clean, wait_for
 from tpm_faas.cli import main
 from tpm_faas.client import TPMClient
 from tpm_faas.compute.sdk import ExecutorTransport, Manifest, compute_client

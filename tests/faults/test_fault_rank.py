@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from _faults import alive, assert_books_clean, hold_row, wait_for
 
+from faults._faults import alive, assert_books_clean, hold_row, wait_for
 from tpm_faas.errors import RemoteError
 from tpm_faas.testing.embedded import EmbeddedSite
 
