@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 PG_SERVER = os.environ.get("TPM_FAAS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-FAULTS_DB = "tpm_faults"
+#: This run's own database (concurrent runs on one server never share one).
+FAULTS_DB = f"tpm_faults_{os.getpid()}"
 
 
 def wait_for(what: str, cond: Callable[[], Any], timeout: float, every: float = 0.2) -> Any:

@@ -2,7 +2,7 @@
 a real RabbitMQ restarted; after each fault the site must recover without an operator.
 
 Shared here: one embedded site (tp=1, the real engine and Parsl shard group) whose ledger is
-a PostgreSQL database of its own (``tpm_faults``), and helpers that find the processes a
+a PostgreSQL database of its own (``tpm_faults_<pid>``), and helpers that find the processes a
 fault leaves behind.
 """
 
