@@ -48,9 +48,9 @@ def _rabbitmqctl(*args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def sdk_client(
+def sdk(
     pg_site: EmbeddedSite, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TPMClient]:
+) -> Iterator[tuple[TPMClient, Manifest]]:
     if not _broker_up():
         pytest.skip("no RabbitMQ broker at 127.0.0.1:5672 (.ci/run starts one)")
     site = pg_site
@@ -65,7 +65,7 @@ def sdk_client(
         manifest = Manifest.load(out)
         svc.allow(eid, manifest.functions.values())
         with ExecutorTransport.from_manifest(manifest, compute_client(local_services=True)) as t:
-            yield TPMClient(t, token=site.tokens["dev"], timeout_s=CALLER_TIMEOUT_S)
+            yield TPMClient(t, token=site.tokens["dev"], timeout_s=CALLER_TIMEOUT_S), manifest
     # pika never closes the sockets of the connections the restart broke (no peer address,
     # so pyproject's filter for its socket pair does not match them): collect them here.
     with warnings.catch_warnings():
@@ -74,8 +74,9 @@ def sdk_client(
 
 
 def test_a_broker_restart_never_leaves_the_caller_hanging(
-    pg_site: EmbeddedSite, sdk_client: TPMClient
+    pg_site: EmbeddedSite, sdk: tuple[TPMClient, Manifest]
 ) -> None:
+    sdk_client, manifest = sdk
     ledger = pg_site.ledger()
     assert sdk_client.generate("In the beginning", max_new_tokens=4).text  # warm
 
@@ -103,9 +104,13 @@ def test_a_broker_restart_never_leaves_the_caller_hanging(
     try:
         _rabbitmqctl("stop_app")
         # A request sent while the broker is down: refused at submission, not left waiting.
+        # (Another client: the SDK's Executor shuts itself down after a failed submission.)
         t1 = time.monotonic()
-        with pytest.raises(RemoteError) as refused:
-            sdk_client.generate("And it was so", max_new_tokens=4)
+        with (
+            ExecutorTransport.from_manifest(manifest, compute_client(local_services=True)) as t,
+            pytest.raises(RemoteError) as refused,
+        ):
+            TPMClient(t, token=pg_site.tokens["dev"]).generate("And it was so", max_new_tokens=4)
         print(
             f"\n[faults] RabbitMQ down: refused in {time.monotonic() - t1:.1f} s: {refused.value}"
         )
