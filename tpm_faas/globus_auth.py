@@ -137,10 +137,11 @@ def setup_scopes(
     from globus_sdk.scopes import AuthScopes
 
     login = globus_sdk.ConfidentialAppAuthClient(client_id, client_secret)
+    short_timeouts(login)  # before the authorizer, which fetches its first token at once
     auth = globus_sdk.AuthClient(
         authorizer=globus_sdk.ClientCredentialsAuthorizer(login, AuthScopes.manage_projects)
     )
-    short_timeouts(login, auth)
+    short_timeouts(auth)
     wanted = dict(zip(modes, mode_scopes(client_id, modes), strict=True))
     try:
         existing = {s["scope_string"] for s in auth.get_scopes(scope_strings=list(wanted.values()))}
