@@ -24,6 +24,18 @@ from tpm_faas.errors import MissingExtra
 
 #: The extras of tpm_faas (``[project.optional-dependencies]`` in pyproject.toml).
 EXTRAS = ("gateway", "endpoint", "runtime", "launch", "site", "postgres", "plot", "test")
+#: Distributions a client-only install (no extras) never pulls in: each comes with an extra.
+HEAVY = frozenset(
+    {
+        "torch",
+        "deepspeed",
+        "parsl",
+        "transformers",
+        "globus-compute-endpoint",
+        "sqlalchemy",
+        "pyzmq",
+    }
+)
 
 
 def require(module: str, extra: str) -> ModuleType:

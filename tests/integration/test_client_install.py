@@ -18,18 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from tpm_faas._extras import HEAVY
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = {
-    "torch",
-    "deepspeed",
-    "parsl",
-    "transformers",
-    "globus-compute-endpoint",
-    "sqlalchemy",
-    "pyzmq",
-}
 #: Runs in the new environment: import the client and build the SDK transport's pieces.
 PROBE = """
 import json, sys

@@ -19,17 +19,10 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from tpm_faas._extras import HEAVY
+
 ROOT = Path(__file__).resolve().parents[2]
 #: What a client-only install must never pull in.
-HEAVY = {
-    "torch",
-    "deepspeed",
-    "parsl",
-    "transformers",
-    "globus-compute-endpoint",
-    "sqlalchemy",
-    "pyzmq",
-}
 #: The client's requirements (docs/install.md), nothing more.
 CLIENT = {
     "numpy",
