@@ -8,8 +8,6 @@ fault leaves behind.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -27,14 +25,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.faults)
             item.add_marker(pytest.mark.integration)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _venv_on_path() -> None:
-    # Workers are launched through executables of this environment.
-    bindir = str(Path(sys.executable).parent)
-    if os.environ.get("PATH", "").split(os.pathsep)[0] != bindir:
-        os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
 
 
 @pytest.fixture(scope="package")

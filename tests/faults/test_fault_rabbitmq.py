@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _services import broker_up
 from click.testing import CliRunner
 
 from faults._faults import assert_books_clean, wait_for
@@ -35,14 +35,6 @@ from tpm_faas.testing.loopback import LoopbackComputeService
 CALLER_TIMEOUT_S = 150.0
 
 
-def _broker_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
-        return True
-    except OSError:
-        return False
-
-
 def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 
@@ -51,7 +43,7 @@ def _rabbitmqctl(*args: str) -> None:
 def sdk(
     pg_site: EmbeddedSite, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[TPMClient, Manifest]]:
-    if not _broker_up():
+    if not broker_up():
         pytest.skip("no RabbitMQ broker at 127.0.0.1:5672 (.ci/run starts one)")
     site = pg_site
     assert site.endpoint is not None
@@ -120,7 +112,7 @@ def test_a_broker_restart_never_leaves_the_caller_hanging(
             _rabbitmqctl("start_app")
         finally:
             os.kill(rank0, signal.SIGCONT)
-    wait_for("the broker to listen again", _broker_up, 60)
+    wait_for("the broker to listen again", broker_up, 60)
     print(f"[faults] RabbitMQ: down and up again in {time.monotonic() - t0:.1f} s")
     caller.join(CALLER_TIMEOUT_S + 30)
     assert not caller.is_alive(), "the caller hangs"

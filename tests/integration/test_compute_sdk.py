@@ -10,13 +10,13 @@ tests skip, with the reason, only if the broker cannot be reached.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _services import broker_up
 from click.testing import CliRunner
 
 from tpm_faas.cli import main
@@ -31,17 +31,9 @@ pytestmark = pytest.mark.integration
 PROMPT = "And God said, Let there be"
 
 
-def _broker_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def service(site: EmbeddedSite) -> Iterator[tuple[LoopbackComputeService, str]]:
-    if not _broker_up():
+    if not broker_up():
         pytest.skip("no RabbitMQ broker at 127.0.0.1:5672 (.ci/run starts one)")
     assert site.endpoint is not None
     with LoopbackComputeService() as svc:
