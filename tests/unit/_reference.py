@@ -1,5 +1,6 @@
 """Reference values of every canonical hook site from plain ``transformers`` forward passes
-with module hooks, for Llama and GPT-2, and helpers to run a spec through our runtime."""
+with module hooks, for every served architecture (Llama, Mistral, Qwen2, Qwen3, GPT-2), and
+helpers to run a spec through our runtime."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 
+from tpm_faas.architectures import dims
 from tpm_faas.modes import MODES
 from tpm_faas.policy import Limits
 from tpm_faas.protocol.requests import WRITE_OPS, InterveneRequest
@@ -32,22 +34,20 @@ OPEN = Limits(
 
 
 def info_of(model: Any) -> ModelInfo:
-    c = model.config
-    llama = c.model_type == "llama"
-    d = c.hidden_size if llama else c.n_embd
-    heads = c.num_attention_heads if llama else c.n_head
+    """What the gateway would know of ``model`` (any served architecture), from its config."""
+    d = dims(model.config.to_dict())
     return ModelInfo(
         name="ref@1",
-        hidden_size=d,
-        num_layers=c.num_hidden_layers if llama else c.n_layer,
-        vocab_size=c.vocab_size,
-        max_positions=c.max_position_embeddings if llama else c.n_positions,
+        hidden_size=d.hidden_size,
+        num_layers=d.num_layers,
+        vocab_size=d.vocab_size,
+        max_positions=d.context_length,
         tokenizer="bytes",
         checkpoint_sha256="0" * 64,
         dtype="float32",
-        architecture=c.model_type,
-        num_heads=heads,
-        head_dim=getattr(c, "head_dim", None) or d // heads,
+        architecture=d.model_type,
+        num_heads=d.num_heads,
+        head_dim=d.head_dim,
     )
 
 
@@ -72,8 +72,9 @@ def run(
 
 # -- module hooks on the transformers model ------------------------------------------------
 def _modules(model: Any, layer: int, kind: str) -> tuple[Any, str]:
-    """The module and hook type (``pre`` or ``out``) that carries a site in ``transformers``."""
-    if model.config.model_type == "llama":
+    """The module and hook type (``pre`` or ``out``) that carries a site in ``transformers``:
+    Llama-shaped models (Llama, Mistral, Qwen2, Qwen3) or GPT-2."""
+    if model.config.model_type != "gpt2":
         core = model.model
         if kind == "embed":
             return core.embed_tokens, "out"
@@ -108,11 +109,7 @@ def _modules(model: Any, layer: int, kind: str) -> tuple[Any, str]:
 def hooked(model: Any, site: str, edit: Edit) -> Iterator[None]:
     """Run ``edit`` on ``site``'s values (``[t, *shape]`` of sequence 0) in every forward pass
     of ``model`` while the context is open; ``edit`` may return a new tensor."""
-    heads = (
-        model.config.num_attention_heads
-        if model.config.model_type == "llama"
-        else (model.config.n_head)
-    )
+    heads = dims(model.config.to_dict()).num_heads
     if site == "unembed":
         mod, how = model.lm_head, "out"
     else:

@@ -13,7 +13,16 @@ The serving decoder (:mod:`tpm_faas.runtime.decoder`) runs one loop for every ar
 
 Each class here maps those calls onto a ``transformers`` model's modules, which may be
 DeepSpeed AutoTP-sharded (column-parallel projections hold this rank's heads, row-parallel
-ones all-reduce), so the canonical hook sites mean the same thing on every backend.
+ones all-reduce), so the canonical hook sites mean the same thing on every backend. One class
+per difference of shape, for the architectures of :data:`tpm_faas.architectures.SUPPORTED`:
+
+* :class:`Arch`: Llama-shaped blocks (``llama``, ``mistral``, ``qwen2``): RMSNorm, rotary
+  positions from the model's own ``rotary_emb`` (any static RoPE type: default, ``llama3``,
+  ``linear``, ``yarn``), grouped-query attention, whatever biases the projections carry (Qwen2's
+  on q/k/v), ``head_dim`` from the config;
+* :class:`Qwen3Arch`: adds Qwen3's per-head RMSNorm of queries and keys (``q_norm``,
+  ``k_norm``) between the projection and the rotary embedding;
+* :class:`GPT2Arch`: learned positions, fused ``c_attn``, ``Conv1D`` projections, LayerNorm.
 """
 
 from __future__ import annotations
@@ -21,6 +30,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from tpm_faas.architectures import architecture_of
+from tpm_faas.errors import UnsupportedArchitecture
+
+#: RoPE types whose frequencies ``transformers`` recomputes from the sequence length during the
+#: forward pass: a table computed once for every position cannot match them.
+DYNAMIC_ROPE = ("dynamic", "longrope")
 
 
 def byte_llama_config(**shape: Any) -> Any:
@@ -48,7 +64,8 @@ def byte_llama_config(**shape: Any) -> Any:
 
 
 class Arch:
-    """Llama (and Llama-shaped: Mistral, Qwen2 without biases differ only in config)."""
+    """Llama-shaped blocks: Llama 2/3/3.1, Mistral, Qwen2/2.5 (they differ only in config:
+    biases, ``head_dim``, RoPE parameters, tied embeddings)."""
 
     name = "llama"
 
@@ -71,6 +88,15 @@ class Arch:
         # Heads this rank holds (all of them at tp=1; a share of them under AutoTP).
         self.q_heads = int(attn0.q_proj.weight.shape[0]) // self.head_dim
         self.kv_heads = int(attn0.k_proj.weight.shape[0]) // self.head_dim
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        kind = str(rope.get("rope_type", "default")) if isinstance(rope, dict) else "default"
+        if kind in DYNAMIC_ROPE:
+            raise UnsupportedArchitecture(
+                f"rope_type {kind!r} recomputes its frequencies from the sequence length; "
+                "the serving decoder serves static RoPE types only"
+            )
+        # The model's own rotary module (its inv_freq and attention scaling, e.g. Llama 3.1's
+        # rope_scaling), evaluated once for every position the cache holds.
         positions = torch.arange(max_len, device=self.device)[None]
         dummy = torch.empty(1, dtype=self.dtype, device=self.device)
         cos, sin = core.rotary_emb(dummy, positions)
@@ -96,11 +122,19 @@ class Arch:
         block = self.blocks[i]
         h = block.input_layernorm(x)
         attn = block.self_attn
-        q = attn.q_proj(h).view(b, t, self.q_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = attn.q_proj(h).view(b, t, self.q_heads, self.head_dim)
+        k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim)
         v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.qk_norm(attn, q, k)
         cos, sin = rope
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        return _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin), v
+
+    def qk_norm(
+        self, attn: Any, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the architecture does to queries and keys ``[b, t, heads, head_dim]`` between
+        the projection and the rotary embedding (nothing here)."""
+        return q, k
 
     def attn_out(self, i: int, z: torch.Tensor) -> torch.Tensor:
         """``z`` ``[b, t, heads, head_dim]`` → the output projection ``[b, t, d]``."""
@@ -122,6 +156,20 @@ class Arch:
         return out
 
 
+class Qwen3Arch(Arch):
+    """Qwen3: Llama-shaped blocks plus an RMSNorm over each query and key head (weights of
+    ``head_dim``, shared by the heads, so AutoTP leaves them whole on every rank)."""
+
+    name = "qwen3"
+
+    def qk_norm(
+        self, attn: Any, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q_out: torch.Tensor = attn.q_norm(q)
+        k_out: torch.Tensor = attn.k_norm(k)
+        return q_out, k_out
+
+
 class GPT2Arch(Arch):
     """GPT-2: learned positions, fused ``c_attn``, ``Conv1D`` projections, LayerNorm."""
 
@@ -132,7 +180,9 @@ class GPT2Arch(Arch):
         if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(
             cfg, "reorder_and_upcast_attn", False
         ):
-            raise NotImplementedError("GPT-2 variants with per-layer attention scaling")
+            raise UnsupportedArchitecture(
+                "GPT-2 variants with per-layer attention scaling or upcast attention"
+            )
         core = model.transformer
         self.model = model
         self.blocks = list(core.h)
@@ -177,14 +227,23 @@ class GPT2Arch(Arch):
         return out
 
 
+#: The block mapping of each served ``model_type`` (the keys of
+#: :data:`tpm_faas.architectures.SUPPORTED`, no other; a unit test holds them equal).
+ARCHES: dict[str, type[Arch]] = {
+    "llama": Arch,
+    "mistral": Arch,
+    "qwen2": Arch,
+    "qwen3": Qwen3Arch,
+    "gpt2": GPT2Arch,
+}
+
+
 def arch_for(model: Any, max_len: int) -> Arch:
-    """The block pieces of ``model`` (a ``*ForCausalLM``, possibly AutoTP-sharded)."""
-    kind = getattr(model.config, "model_type", "")
-    if kind == "llama":
-        return Arch(model, max_len)
-    if kind == "gpt2":
-        return GPT2Arch(model, max_len)
-    raise NotImplementedError(f"no serving decoder for architecture {kind!r} (llama, gpt2)")
+    """The block pieces of ``model`` (a ``*ForCausalLM``, possibly AutoTP-sharded);
+    :class:`UnsupportedArchitecture` naming the served ones for any other ``model_type``."""
+    kind = str(getattr(model.config, "model_type", "") or "")
+    arch = architecture_of({"model_type": kind}, what="this model")
+    return ARCHES[arch.model_type](model, max_len)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

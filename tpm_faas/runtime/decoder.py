@@ -1,6 +1,7 @@
 """The serving forward pass: a decoder over a static, slot-addressed KV cache.
 
-It runs the loaded model's own modules through :mod:`tpm_faas.runtime.arch` (Llama, GPT-2),
+It runs the loaded model's own modules through :mod:`tpm_faas.runtime.arch` (the
+architectures of :data:`tpm_faas.architectures.SUPPORTED`: Llama, Mistral, Qwen2, Qwen3, GPT-2),
 so a model wrapped by DeepSpeed AutoTP runs unchanged: its column-parallel projections give
 each rank its share of the heads and its row-parallel ones all-reduce. What this module adds
 is what ``transformers`` cannot do for iteration-level batching and interventions:
@@ -12,7 +13,9 @@ is what ``transformers`` cannot do for iteration-level batching and intervention
   (attention masked to each slot's length), so sequences of different lengths share a step.
 
 Rotary tables are computed once for every position with the model's own rotary module, so the
-numbers match the ``transformers`` forward.
+numbers match the ``transformers`` forward. A sequence holds at most the model's serving context
+(:func:`tpm_faas.architectures.dims`: the sliding window where the model attends through one,
+so full attention over the cache equals the model's windowed attention).
 
 Every canonical hook site (:mod:`tpm_faas.sites`) is a point of the loop below where a *tap*
 may read or rewrite the activations: a prompt's :class:`~.interventions.Program` at prefill,
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tpm_faas.architectures import dims
 from tpm_faas.runtime.arch import arch_for
 from tpm_faas.runtime.interventions import (
     Compiler,
@@ -55,11 +59,12 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Decoder:
-    """Prefill and batched decode, with interventions, for a Llama- or GPT-2-shaped model.
+    """Prefill and batched decode, with interventions, for a model of a served architecture.
 
     :param model: the (possibly AutoTP-sharded) ``*ForCausalLM`` module
     :param slots: concurrent sequences the cache holds (the largest decode batch)
-    :param max_len: tokens per sequence (prompt + generated); at most the model's context
+    :param max_len: tokens per sequence (prompt + generated); cut to the model's serving
+        context (``max_position_embeddings``, or the sliding window where there is one)
     :param heads: this rank's share of the attention heads (all of them by default)
     :param gather_heads: joins a per-head tensor's heads from every rank (tensor parallel)
     :param rank: results are encoded on rank 0 only
@@ -76,6 +81,7 @@ class Decoder:
         gather_heads: Callable[[torch.Tensor], torch.Tensor] | None = None,
         rank: int = 0,
     ) -> None:
+        max_len = min(max_len, dims(model.config.to_dict()).context_length)
         self.arch = arch = arch_for(model, max_len)
         self.model = model
         self.n_layers = len(arch.blocks)
