@@ -21,6 +21,7 @@ from tpm_faas.cli.ledger import ledger as _ledger
 from tpm_faas.cli.ledger import usage as _usage
 from tpm_faas.cli.models import schema as _schema
 from tpm_faas.cli.models import sites as _sites
+from tpm_faas.cli.plan import plan as _plan
 from tpm_faas.cli.policy import policy as _policy
 from tpm_faas.cli.register import register as _register
 from tpm_faas.cli.results import results as _results
@@ -48,6 +49,7 @@ for _command in (
     _endpoint,
     _sites,
     _schema,
+    _plan,
     _policy,
     _usage,
     _ledger,
