@@ -69,7 +69,7 @@ def train(
     torch.set_num_threads(2)
     tok = ByteTokenizer()
     text = corpus.read_text()
-    data = torch.tensor(tok.encode(text, add_bos=False), dtype=torch.long)
+    data = torch.tensor(tok.encode(text, add_special=False), dtype=torch.long)
     model = LlamaForCausalLM(demo_config())
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)

@@ -15,7 +15,8 @@ variable > the default below. Nothing here is read at import time.
 - ``TPM_FAAS_GLOBUS_GROUPS``: ``1`` to look up callers' Globus groups (policies matching on
   ``globus_groups``, ``globus`` auth only); unset
 - ``TPM_FAAS_LEDGER``: SQLAlchemy URL of the SU ledger; ``sqlite:///$TPM_FAAS_HOME/ledger.sqlite``
-- ``TPM_FAAS_MODELS``: ``:``-separated model roots; the models bundled with the package
+- ``TPM_FAAS_MODELS``: ``:``-separated model roots (``tpm-faas models add`` imports into the
+  first); ``$TPM_FAAS_HOME/models`` then the models bundled with the package
 - ``TPM_FAAS_SHARD_TIMEOUT``: seconds to wait for a shard group's answer; ``300``
 - ``TPM_FAAS_INLINE_LIMIT``: tensors of a result larger than this many bytes in all go to a
   safetensors file in ``$TPM_FAAS_HOME/results`` and are returned by reference; ``4000000``
@@ -111,7 +112,7 @@ class Settings:
             "ledger_url": e.get("TPM_FAAS_LEDGER") or f"sqlite:///{home / 'ledger.sqlite'}",
             "model_roots": tuple(Path(p) for p in roots.split(":") if p)
             if roots
-            else (BUNDLED_MODELS,),
+            else (home / "models", BUNDLED_MODELS),
             "shard_timeout_s": float(e.get("TPM_FAAS_SHARD_TIMEOUT", "300")),
             "inline_limit_bytes": int(e.get("TPM_FAAS_INLINE_LIMIT", "4000000")),
         }

@@ -23,7 +23,8 @@ clients and tests match on) and, for the CLI, an ``exit_code``::
     ├── ShardGroupError(TPMError, RuntimeError)         shard_unavailable  6
     │   └── ShardTimeout(ShardGroupError, TimeoutError) shard_timeout
     ├── ConfigError                                     config_error       7
-    │   └── MissingExtra(ConfigError, ImportError)      missing_extra
+    │   ├── MissingExtra(ConfigError, ImportError)      missing_extra
+    │   └── UnsupportedArchitecture                     unsupported_architecture
     ├── RemoteError                                     (the remote code)  8
     └── ServiceUnreachable(TPMError, ConnectionError)   service_unreachable 9
 
@@ -187,6 +188,13 @@ class MissingExtra(ConfigError, ImportError):
     """
 
     code = "missing_extra"
+
+
+class UnsupportedArchitecture(ConfigError):
+    """A checkpoint's architecture (``config.json``'s ``model_type``) is not one the runtime
+    serves; the message lists those it does (:mod:`tpm_faas.architectures`)."""
+
+    code = "unsupported_architecture"
 
 
 class RemoteError(TPMError):

@@ -225,7 +225,8 @@ class ShardGroup:
         from parsl.dataflow.dflow import DataFlowKernel
         from parsl.executors import HighThroughputExecutor
 
-        from tpm_faas.runtime.model_store import check_tp, resolve
+        from tpm_faas.catalog import resolve
+        from tpm_faas.runtime.model_store import check_tp
         from tpm_faas.runtime.rank import serve_rank
 
         if self.tp_size < 1:

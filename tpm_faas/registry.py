@@ -42,6 +42,11 @@ class ModelInfo:
     head_dim: int = 1
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The version's directory on the site's filesystem, where the gateway reads the
+    #: checkpoint's own tokenizer (``tokenizer`` ``hf``); empty for the byte tokenizer.
+    tokenizer_dir: str = ""
+    #: Whether the checkpoint ships a chat template (requests may send chat messages).
+    chat: bool = False
 
 
 @dataclass(frozen=True)

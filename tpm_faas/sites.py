@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from tpm_faas.architectures import dims
 from tpm_faas.errors import RequestError
 
 #: Sites inside every block, in the order the forward pass reaches them.
@@ -35,8 +36,6 @@ BLOCK_SITES = (
 )
 #: Sites outside the blocks.
 GLOBAL_SITES = ("embed", "ln_final", "unembed")
-#: Architectures whose forward pass the runtime maps onto these sites.
-ARCHITECTURES = ("llama", "gpt2")
 
 # One spelling per site: ASCII digits, no leading zero (\d would take any Unicode digit).
 _BLOCK_NAME = re.compile(
@@ -57,26 +56,10 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelShape:
-        """From a ``transformers`` ``config.json`` (Llama or GPT-2)."""
-        arch = str(config.get("model_type", ""))
-        if arch == "llama":
-            d, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-            return cls(
-                arch,
-                int(config["num_hidden_layers"]),
-                d,
-                heads,
-                int(config.get("head_dim") or d // heads),
-                int(config["vocab_size"]),
-            )
-        if arch == "gpt2":
-            d, heads = int(config["n_embd"]), int(config["n_head"])
-            return cls(
-                arch, int(config["n_layer"]), d, heads, d // heads, int(config["vocab_size"])
-            )
-        raise RequestError(
-            f"architecture {arch!r} has no hook-site mapping (known: {', '.join(ARCHITECTURES)})"
-        )
+        """From a ``transformers`` ``config.json`` of a supported architecture
+        (:mod:`tpm_faas.architectures`)."""
+        d = dims(config)
+        return cls(d.model_type, d.num_layers, d.hidden_size, d.num_heads, d.head_dim, d.vocab_size)
 
 
 @dataclass(frozen=True, order=True)

@@ -16,11 +16,11 @@ import pytest
 import torch
 from _models import random_gpt2
 
+from tpm_faas.catalog import model_info
 from tpm_faas.client import decode_array, encode_array
 from tpm_faas.config import Settings
 from tpm_faas.errors import ConfigError
 from tpm_faas.launcher import ShardGroup
-from tpm_faas.runtime.model_store import model_info
 from tpm_faas.shard_client import ShardClient
 from tpm_faas.tokenizer import ByteTokenizer
 
@@ -36,6 +36,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     model = random_gpt2()
     version = root / "gpt2-random" / "1"
     model.save_pretrained(version, safe_serialization=True)
+    (version / "tpm_model.json").write_text('{"tokenizer": "bytes"}')  # byte-level ids
     home = tmp_path_factory.mktemp("home")
     settings = Settings.from_env({"TPM_FAAS_MODELS": str(root)}, home=home)
     group = ShardGroup(NAME, 1, settings, home / "runs")

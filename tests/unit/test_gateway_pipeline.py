@@ -21,6 +21,7 @@ from tpm_faas.gateway.pipeline import Gateway, parse, request_hash
 from tpm_faas.modes import MODES
 from tpm_faas.protocol.replies import EmbedOutput, InterveneOutput, QueryOutput
 from tpm_faas.testing import FAKE_MODEL, FakeShard, InProcessTransport, fake_site
+from tpm_faas.tokenizer import ByteTokenizer
 
 Site = tuple[Gateway, dict[str, str], FakeShard]
 
@@ -60,10 +61,12 @@ def test_query_success_path(site: Site) -> None:
     # The shard ran exactly the admitted message (no model, no request id in the body).
     (call,) = shard.calls
     assert call.op == "query" and call.request_id == r.request_id
-    assert call.body["prompts"] == ["And God said", "In the beginning"]
+    tok = ByteTokenizer()
+    assert call.body["prompt_ids"] == [tok.encode("And God said"), tok.encode("In the beginning")]
     assert "model" not in call.body and "request_id" not in call.body
     # The receipt pins the request, the checkpoint, the policy and the versions.
-    request = parse(MODES["query"].request_model, json.dumps({**call.body, "model": "demo-tpm@1"}))
+    sent = {"model": "demo-tpm@1", "prompts": ["And God said", "In the beginning"]}
+    request = parse(MODES["query"].request_model, json.dumps({**sent, "max_new_tokens": 5}))
     assert r.receipt.request_sha256 == request_hash(request)
     assert r.receipt.checkpoint_sha256 == FAKE_MODEL.checkpoint_sha256
     assert r.receipt.tp_size == 1 and r.receipt.seed == 0

@@ -381,7 +381,11 @@ def test_requests_in_one_batch_touch_only_their_own_rows(model: Any) -> None:
             ],
         },
     )
-    query = {"prompts": ["Now the serpent"], "max_new_tokens": 10, "stop_at_eos": False}
+    query = {
+        "prompt_ids": [TOK.encode("Now the serpent")],
+        "max_new_tokens": 10,
+        "stop_at_eos": False,
+    }
     bodies = [("intervene", steer), ("intervene", save), ("intervene", ablate), ("generate", query)]
     dec = _decoder(model)
     together = run(dec, bodies)
@@ -400,7 +404,7 @@ def test_requests_in_one_batch_touch_only_their_own_rows(model: Any) -> None:
                     rtol=1e-4,
                 )
         assert both["timing"]["max_batch"] == 4 and alone["timing"]["max_batch"] == 1
-    plain = run(dec, [("generate", {**query, "prompts": ["In the beginning"]})])["0"]
+    plain = run(dec, [("generate", {**query, "prompt_ids": [TOK.encode("In the beginning")]})])["0"]
     assert (
         plain["result"]["completions"][0]["token_ids"]
         == (together["1"]["result"]["results"][0]["token_ids"])
@@ -498,7 +502,11 @@ def test_cuda_graph_interventions_equal_eager() -> None:
             ],
         },
     )
-    query = {"prompts": ["In the beginning"], "max_new_tokens": 12, "stop_at_eos": False}
+    query = {
+        "prompt_ids": [TOK.encode("In the beginning")],
+        "max_new_tokens": 12,
+        "stop_at_eos": False,
+    }
     got = {}
     for graphs in (True, False):
         dec = Decoder(model, slots=8, max_len=128, cuda_graphs=graphs)
@@ -563,7 +571,11 @@ def test_a_request_whose_sampling_fails_fails_alone(model: Any) -> None:
             "ops": [{"op": "add", "site": "embed", "vector": huge, "scale": 10.0}],
         },
     )
-    plain = {"prompts": ["In the beginning"], "max_new_tokens": 4, "stop_at_eos": False}
+    plain = {
+        "prompt_ids": [TOK.encode("In the beginning")],
+        "max_new_tokens": 4,
+        "stop_at_eos": False,
+    }
     out = run(_decoder(model), [("intervene", bad), ("generate", plain)])
     assert out["0"]["ok"] is False and "sampling failed" in out["0"]["error"]["message"]
     assert out["1"]["ok"] and out["1"]["result"]["completions"][0]["completion_tokens"] == 4

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from tpm_faas import catalog
 from tpm_faas.config import BUNDLED_MODELS
 from tpm_faas.errors import LimitExceeded, TPMError
 from tpm_faas.gateway.ledger import to_su
@@ -34,7 +35,6 @@ from tpm_faas.policy import Caller, Limits, Usage
 from tpm_faas.protocol import codec
 from tpm_faas.protocol.requests import WRITE_OPS, InterveneRequest
 from tpm_faas.registry import GroupEntry, ModelInfo, Registry
-from tpm_faas.runtime import model_store
 from tpm_faas.runtime.decoder import Decoder
 from tpm_faas.runtime.runner import LinearExtra, ModelRunner
 from tpm_faas.runtime.scheduler import Scheduler
@@ -108,7 +108,7 @@ class InProcessShards:
 
 def _demo_runner() -> ModelRunner:
     model = AutoModelForCausalLM.from_pretrained(DEMO_DIR, dtype=torch.float32).eval()
-    info = model_store.model_info(DEMO, DEMO_DIR, dtype="float32")
+    info = catalog.model_info(DEMO, DEMO_DIR, dtype="float32")
     tensors = load_file(str(DEMO_DIR / "extras.safetensors"))
     extras = {}
     for kind in ("adapters", "heads"):
@@ -360,7 +360,7 @@ def _ops(model: str, n_prompts: int, shortest: int, max_new: int, seed: int) -> 
 
 
 _INFOS: dict[str, ModelInfo] = {
-    DEMO: model_store.model_info(DEMO, DEMO_DIR, dtype="float32"),
+    DEMO: catalog.model_info(DEMO, DEMO_DIR, dtype="float32"),
     GPT2: info_of(random_gpt2()),
 }
 

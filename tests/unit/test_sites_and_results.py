@@ -21,7 +21,7 @@ from tpm_faas.client import (
     load_results_file,
     parse_reply,
 )
-from tpm_faas.errors import LimitExceeded, RequestError
+from tpm_faas.errors import LimitExceeded, RequestError, UnsupportedArchitecture
 from tpm_faas.gateway.results import offload, payloads, read_tensors, resolve
 from tpm_faas.modes import json_schema
 from tpm_faas.protocol.requests import ResultTensor, TensorPayload
@@ -49,8 +49,21 @@ def test_model_shape_from_configs() -> None:
         {"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257}
     )
     assert (gpt2.num_layers, gpt2.head_dim, gpt2.vocab_size) == (12, 64, 50257)
-    with pytest.raises(RequestError, match="no hook-site mapping"):
+    with pytest.raises(UnsupportedArchitecture, match=r"'mamba' model.*supported: llama"):
         ModelShape.from_config({"model_type": "mamba"})
+    qwen3 = ModelShape.from_config(
+        {
+            "model_type": "qwen3",
+            "hidden_size": 96,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 2,
+            "head_dim": 24,
+            "num_hidden_layers": 2,
+            "vocab_size": 300,
+            "max_position_embeddings": 4096,
+        }
+    )
+    assert (qwen3.num_heads, qwen3.head_dim) == (6, 24)
 
 
 def test_sites_command_lists_the_demo_model() -> None:

@@ -19,6 +19,7 @@ from tpm_faas.cli.launch import deploy as _deploy
 from tpm_faas.cli.launch import launch as _launch
 from tpm_faas.cli.ledger import ledger as _ledger
 from tpm_faas.cli.ledger import usage as _usage
+from tpm_faas.cli.models import models as _models
 from tpm_faas.cli.models import schema as _schema
 from tpm_faas.cli.models import sites as _sites
 from tpm_faas.cli.plan import plan as _plan
@@ -47,6 +48,7 @@ for _command in (
     _deploy,
     _register,
     _endpoint,
+    _models,
     _sites,
     _schema,
     _plan,

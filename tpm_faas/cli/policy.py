@@ -116,11 +116,11 @@ def _price(decision: Any, mode: str, model: str, body: dict[str, Any]) -> dict[s
     """Admit ``body`` as a ``mode`` request under ``decision``'s limits; its worst case."""
     import json
 
+    from tpm_faas.catalog import model_info, resolve
     from tpm_faas.config import Settings
     from tpm_faas.gateway.ledger import to_su
     from tpm_faas.gateway.pipeline import parse
     from tpm_faas.modes import MODES
-    from tpm_faas.runtime.model_store import model_info, resolve
 
     info = model_info(model, resolve(model, Settings.from_env().model_roots))
     m = MODES[mode]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,8 +20,9 @@ from pydantic import BaseModel
 from tpm_faas.errors import LimitExceeded, RequestError
 from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.protocol.replies import Record
+from tpm_faas.protocol.requests import ChatMessage
 from tpm_faas.registry import ModelInfo
-from tpm_faas.tokenizer import ByteTokenizer
+from tpm_faas.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,38 @@ class Mode(ABC):
         return Admission(worst, self.shard_op, body.model_dump(mode="json"))
 
 
-def tokenizer_for(model: ModelInfo) -> ByteTokenizer:
-    if model.tokenizer != "bytes":
-        raise RequestError(f"model {model.name} uses tokenizer {model.tokenizer!r}, unknown here")
-    return ByteTokenizer()
+def tokenizer_for(model: ModelInfo) -> Tokenizer:
+    """The tokenizer ``model`` declares (its checkpoint's own, or the byte tokenizer)."""
+    return load_tokenizer(model.tokenizer, model.tokenizer_dir, vocab_size=model.vocab_size)
 
 
-def count_tokens(model: ModelInfo, text: str) -> int:
-    return len(tokenizer_for(model).encode(text))
+def prompt_ids(
+    model: ModelInfo,
+    prompts: Sequence[str] | None,
+    chats: Sequence[Sequence[ChatMessage]] | None,
+    *,
+    add_generation_prompt: bool = True,
+) -> list[list[int]]:
+    """The token ids the shard group will run for each prompt, or each chat rendered with the
+    model's chat template (the gateway prices these exact ids)."""
+    tok = tokenizer_for(model)
+    if chats is not None:
+        if not model.chat:
+            raise RequestError(
+                f"model {model.name} has no chat template; send 'prompts' instead of chats"
+            )
+        ids = [
+            tok.encode_chat(
+                [m.model_dump() for m in chat], add_generation_prompt=add_generation_prompt
+            )
+            for chat in chats
+        ]
+    else:
+        ids = [tok.encode(p) for p in prompts or []]
+    for i, one in enumerate(ids):
+        if not one:
+            raise RequestError(f"input {i} has no tokens")
+    return ids
 
 
 def check_context(

@@ -1,5 +1,5 @@
-"""Customized embeddings: user inputs (``inputs_embeds`` or an input adapter's raw input)
-through the frozen core, out through a registered head or as pooled hidden states."""
+"""Customized embeddings: user inputs (text, ``inputs_embeds`` or an input adapter's raw
+input) through the frozen core, out through a registered head or as pooled hidden states."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import json
 
 from tpm_faas.errors import RequestError, TensorError
 from tpm_faas.modes import pricing
-from tpm_faas.modes.base import Admission, Mode, check_context, check_output_bytes
+from tpm_faas.modes.base import (
+    Admission,
+    Mode,
+    check_context,
+    check_output_bytes,
+    prompt_ids,
+)
 from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.protocol.replies import EmbedOutput
 from tpm_faas.protocol.requests import EmbedRequest
@@ -52,13 +58,15 @@ class EmbedMode(Mode):
     function = staticmethod(embed)
     scope_title = "Customized embeddings"
     scope_description = "Run your input adapters and output heads around the frozen model."
-    summary = "inputs_embeds or an input adapter's raw input through the frozen core; a head out"
+    summary = "text, inputs_embeds or an adapter's raw input through the frozen core; a head out"
     request_model = EmbedRequest
     output_model = EmbedOutput
     shard_body = EmbedBody
     scheduled = False
 
     def admit(self, request: EmbedRequest, model: ModelInfo, limits: Limits) -> Admission:
+        if request.prompts is not None or request.chats is not None:
+            return self._admit_text(request, model, limits)
         if request.inputs_embeds is not None:
             t = request.inputs_embeds
             where = "inputs_embeds"
@@ -88,14 +96,7 @@ class EmbedMode(Mode):
         check_limit("the batch of inputs", batch, limits.max_prompts)
         check_limit("tokens per input", tokens, limits.max_prompt_tokens)
         check_context(model, tokens, 0)
-        if request.head is None:
-            out_width = model.hidden_size
-        else:
-            head = model.heads.get(request.head)
-            if head is None:
-                known = ", ".join(sorted(model.heads)) or "none"
-                raise RequestError(f"unknown head {request.head!r} (registered: {known})")
-            out_width = int(head["out_features"])
+        out_width = self._out_width(request, model)
         out_bytes = worst_bytes(request, batch, tokens, out_width)
         check_output_bytes(out_bytes, limits)
         worst = Usage(input_tokens=batch * tokens, bytes_returned=out_bytes)
@@ -107,6 +108,37 @@ class EmbedMode(Mode):
             pooling=request.pooling,
         )
         return self.admitted(worst, body)
+
+    def _admit_text(self, request: EmbedRequest, model: ModelInfo, limits: Limits) -> Admission:
+        """Text through the model's own tokenizer (and chat template) and embeddings."""
+        n = len(request.prompts or request.chats or [])
+        check_limit("the batch of inputs", n, limits.max_prompts)
+        ids = prompt_ids(
+            model,
+            request.prompts,
+            request.chats,
+            add_generation_prompt=request.add_generation_prompt,
+        )
+        longest = max(len(i) for i in ids)
+        for i, one in enumerate(ids):
+            check_limit(f"inputs[{i}] (tokens)", len(one), limits.max_prompt_tokens)
+        check_context(model, longest, 0)
+        out_width = self._out_width(request, model)
+        out_bytes = worst_bytes(request, len(ids), longest, out_width)
+        check_output_bytes(out_bytes, limits)
+        worst = Usage(input_tokens=sum(len(i) for i in ids), bytes_returned=out_bytes)
+        body = EmbedBody(input_ids=ids, head=request.head, pooling=request.pooling)
+        return self.admitted(worst, body)
+
+    @staticmethod
+    def _out_width(request: EmbedRequest, model: ModelInfo) -> int:
+        if request.head is None:
+            return model.hidden_size
+        head = model.heads.get(request.head)
+        if head is None:
+            known = ", ".join(sorted(model.heads)) or "none"
+            raise RequestError(f"unknown head {request.head!r} (registered: {known})")
+        return int(head["out_features"])
 
     def usage(self, request: EmbedRequest, admission: Admission, output: EmbedOutput) -> Usage:
         return Usage(input_tokens=output.input_tokens)

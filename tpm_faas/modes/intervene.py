@@ -15,7 +15,14 @@ from typing import Any
 
 from tpm_faas.errors import PolicyDenied, RequestError, TensorError
 from tpm_faas.modes import pricing
-from tpm_faas.modes.base import Admission, Mode, check_context, sha256_json, tokenizer_for
+from tpm_faas.modes.base import (
+    Admission,
+    Mode,
+    check_context,
+    prompt_ids,
+    sha256_json,
+    tokenizer_for,
+)
 from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.protocol.replies import InterveneOutput
 from tpm_faas.protocol.requests import (
@@ -36,6 +43,7 @@ from tpm_faas.protocol.requests import (
 from tpm_faas.protocol.shard import InterveneBody
 from tpm_faas.registry import ModelInfo
 from tpm_faas.sites import BLOCK_SITES, ModelShape, Site, parse_site
+from tpm_faas.tokenizer import Tokenizer
 
 LENS_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -122,8 +130,9 @@ class _Spec:
         m: ModelShape,
         ids: list[list[int]],
         limits: Limits,
+        tok: Tokenizer,
     ):
-        self.req, self.m, self.ids, self.limits = req, m, ids, limits
+        self.req, self.m, self.ids, self.limits, self.tok = req, m, ids, limits, tok
         self.lengths = [len(i) for i in ids]
         self.table = _read_table(req)
         self.tensors: dict[str, dict[str, Any]] = {}
@@ -150,7 +159,9 @@ class _Spec:
             members = 9 + pricing.list_json(entries)  # ,"saved":{…} (braces, commas)
             members += 14 + pricing.list_json(self.lens.get(p, []))  # ,"logit_lens":[…]
             runs.append(
-                pricing.completion(n, self.req.max_new_tokens, self.m.vocab_size, extra=members)
+                pricing.completion(
+                    n, self.req.max_new_tokens, self.m.vocab_size, self.tok, extra=members
+                )
             )
         total = 11 + pricing.list_json(runs) + 1
         if saved:
@@ -219,7 +230,7 @@ class _Spec:
         # order does not matter.
         ordered = isinstance(op, (SetOp, AddOp, PatchOp))
         first = isinstance(op, SaveOp)
-        targets = expand(op.prompts, len(req.prompts), "prompt", where)
+        targets = expand(op.prompts, len(self.ids), "prompt", where)
         positions = [
             expand(
                 op.positions,
@@ -273,7 +284,9 @@ class _Spec:
             # layer, position and input token.
             for p, pos in zip(targets, positions, strict=True):
                 self.lens.setdefault(p, []).extend(
-                    pricing.lens_row(st.name, st.layer, j, self.ids[p][j], op.top_k, m.vocab_size)
+                    pricing.lens_row(
+                        st.name, st.layer, j, self.ids[p][j], op.top_k, m.vocab_size, self.tok
+                    )
                     for st in sites
                     for j in pos
                 )
@@ -303,7 +316,7 @@ class _Spec:
             if op.generation:
                 raise RequestError(f"{where}: 'patch' acts on prompt tokens only")
             src = op.source
-            if src >= len(req.prompts):
+            if src >= len(self.ids):
                 raise RequestError(f"{where}: source prompt {src} does not exist")
             # By default the same positions, resolved against the source prompt.
             src_sel = op.positions if op.source_positions is None else op.source_positions
@@ -356,14 +369,18 @@ class InterveneMode(Mode):
     scheduled = True
 
     def admit(self, request: InterveneRequest, model: ModelInfo, limits: Limits) -> Admission:
-        tok = tokenizer_for(model)
-        check_limit("prompts", len(request.prompts), limits.max_prompts)
-        ids = [tok.encode(p) for p in request.prompts]
+        check_limit("prompts", request.n_inputs, limits.max_prompts)
+        ids = prompt_ids(
+            model,
+            request.prompts,
+            request.chats,
+            add_generation_prompt=request.add_generation_prompt,
+        )
         lengths = [len(i) for i in ids]
         check_limit("the longest prompt (tokens)", max(lengths), limits.max_prompt_tokens)
         check_limit("max_new_tokens", request.max_new_tokens, limits.max_new_tokens)
         check_context(model, max(lengths), request.max_new_tokens, limits)
-        spec = _Spec(request, model_shape(model), ids, limits)
+        spec = _Spec(request, model_shape(model), ids, limits, tokenizer_for(model))
         for i, op in enumerate(request.ops):
             spec.add(i, op)
         out_bytes = spec.out_bytes()
@@ -379,13 +396,13 @@ class InterveneMode(Mode):
         )
         worst = Usage(
             input_tokens=sum(lengths),
-            output_tokens=request.max_new_tokens * len(request.prompts),
+            output_tokens=request.max_new_tokens * len(ids),
             bytes_returned=out_bytes,
             hooked_sites=len(spec.sites),
         )
         body = InterveneBody.model_validate(
             {
-                "prompts": list(request.prompts),
+                "prompt_ids": ids,
                 "tensors": spec.tensors,
                 "ops": spec.ops,
                 "max_new_tokens": request.max_new_tokens,

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from tpm_faas.modes import pricing
-from tpm_faas.modes.base import Admission, Mode, check_context, check_output_bytes, count_tokens
+from tpm_faas.modes.base import (
+    Admission,
+    Mode,
+    check_context,
+    check_output_bytes,
+    prompt_ids,
+    tokenizer_for,
+)
 from tpm_faas.policy import Limits, Usage, check_limit
 from tpm_faas.protocol.replies import QueryOutput
 from tpm_faas.protocol.requests import QueryRequest
@@ -12,15 +19,17 @@ from tpm_faas.registry import ModelInfo
 
 
 def worst_bytes(
-    prompt_tokens: list[int], max_new_tokens: int, vocab_size: int, *, logprobs: bool
+    prompt_tokens: list[int], max_new_tokens: int, model: ModelInfo, *, logprobs: bool
 ) -> int:
     """The most a query result's ``output`` may count as ``bytes_returned``::
 
         {"completions":[<completion>,…]}
 
     each completion at most ``max_new_tokens`` tokens (see :func:`pricing.completion`)."""
+    tok = tokenizer_for(model)
     runs = [
-        pricing.completion(n, max_new_tokens, vocab_size, logprobs=logprobs) for n in prompt_tokens
+        pricing.completion(n, max_new_tokens, model.vocab_size, tok, logprobs=logprobs)
+        for n in prompt_tokens
     ]
     return 15 + pricing.list_json(runs) + 1
 
@@ -43,26 +52,43 @@ class QueryMode(Mode):
     function = staticmethod(query)
     scope_title = "Query the hosted model"
     scope_description = "Send prompts to the model and receive text."
-    summary = "prompt(s) in, generated text (and optionally token log-probs) out"
+    summary = "prompts or chats in, generated text (and optionally token log-probs) out"
     request_model = QueryRequest
     output_model = QueryOutput
     shard_body = QueryBody
     scheduled = True
 
     def admit(self, request: QueryRequest, model: ModelInfo, limits: Limits) -> Admission:
-        check_limit("the number of prompts", len(request.prompts), limits.max_prompts)
+        check_limit("the number of prompts", request.n_inputs, limits.max_prompts)
         check_limit("max_new_tokens", request.max_new_tokens, limits.max_new_tokens)
-        tokens = [count_tokens(model, p) for p in request.prompts]
+        ids = prompt_ids(
+            model,
+            request.prompts,
+            request.chats,
+            add_generation_prompt=request.add_generation_prompt,
+        )
+        tokens = [len(i) for i in ids]
         for i, n in enumerate(tokens):
             check_limit(f"prompts[{i}] (tokens)", n, limits.max_prompt_tokens)
             check_context(model, n, request.max_new_tokens, limits)
-        worst_out = request.max_new_tokens * len(request.prompts)
-        out_bytes = worst_bytes(
-            tokens, request.max_new_tokens, model.vocab_size, logprobs=request.logprobs
-        )
+        worst_out = request.max_new_tokens * len(ids)
+        out_bytes = worst_bytes(tokens, request.max_new_tokens, model, logprobs=request.logprobs)
         check_output_bytes(out_bytes, limits)
         worst = Usage(input_tokens=sum(tokens), output_tokens=worst_out, bytes_returned=out_bytes)
-        body = QueryBody.model_validate(request.model_dump(exclude={"model", "request_id"}))
+        body = QueryBody.model_validate(
+            {
+                "prompt_ids": ids,
+                **request.model_dump(
+                    exclude={
+                        "model",
+                        "request_id",
+                        "prompts",
+                        "chats",
+                        "add_generation_prompt",
+                    }
+                ),
+            }
+        )
         return self.admitted(worst, body)
 
     def usage(self, request: QueryRequest, admission: Admission, output: QueryOutput) -> Usage:

@@ -66,6 +66,9 @@ class Completion(Record):
     prompt_tokens: int
     completion_tokens: int
     seconds: float | None = None
+    #: ``stop`` (EOS, a stop token or a stop string) or ``length`` (``max_new_tokens`` or the
+    #: serving context).
+    finish_reason: Literal["stop", "length"] | None = None
     logprobs: list[dict[str, Any]] | None = None
 
 

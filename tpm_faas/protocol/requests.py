@@ -51,12 +51,15 @@ class TensorPayload(Strict):
 
 
 def _prompt_shorthand(data: object) -> object:
-    """Accept ``"prompt": "..."`` as a shorthand for ``"prompts": ["..."]``."""
-    if isinstance(data, dict) and "prompt" in data:
-        if "prompts" in data:
-            raise ValueError("give either 'prompt' or 'prompts', not both")
-        data = dict(data)
-        data["prompts"] = [data.pop("prompt")]
+    """Accept ``"prompt": "..."`` for ``"prompts": ["..."]`` and ``"messages": [...]`` (one
+    conversation) for ``"chats": [[...]]``."""
+    if isinstance(data, dict):
+        for short, full in (("prompt", "prompts"), ("messages", "chats")):
+            if short in data:
+                if full in data:
+                    raise ValueError(f"give either '{short}' or '{full}', not both")
+                data = dict(data)
+                data[full] = [data.pop(short)]
     return data
 
 
@@ -65,40 +68,102 @@ class _ModeRequest(Strict):
     request_id: RequestId | None = None
 
 
-class QueryRequest(_ModeRequest):
-    """Prompt(s) in, generated text out."""
+class ChatMessage(Strict):
+    """One turn of a conversation, rendered with the model's own chat template."""
 
-    prompts: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=64)
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=1 << 20)
+
+
+Chat = Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+Prompt = Annotated[str, Field(min_length=1)]
+
+
+class _Prompted(_ModeRequest):
+    """Text in: ``prompts`` (tokenized as they are, with the model's BOS), or ``chats``
+    (conversations rendered with the checkpoint's chat template; with
+    ``add_generation_prompt`` the assistant's turn is opened). ``prompt`` and ``messages``
+    are shorthands for one of each."""
+
+    prompts: list[Prompt] | None = Field(default=None, min_length=1, max_length=64)
+    chats: list[Chat] | None = Field(default=None, min_length=1, max_length=64)
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: object) -> object:
+        return _prompt_shorthand(data)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> _Prompted:
+        if (self.prompts is None) == (self.chats is None):
+            raise ValueError(
+                "give exactly one of 'prompts' (or 'prompt') and 'chats' (or 'messages')"
+            )
+        return self
+
+    @property
+    def n_inputs(self) -> int:
+        """How many prompts or conversations the request holds."""
+        return len(self.prompts if self.prompts is not None else self.chats or [])
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class QueryRequest(_Prompted):
+    """Prompt(s) or chat(s) in, generated text out.
+
+    Generation stops at ``max_new_tokens``, at the model's end-of-sequence ids (its
+    ``generation_config.json``; unless ``stop_at_eos`` is false), at any of
+    ``stop_token_ids``, or when the text contains one of ``stop`` (the text is cut before it).
+    """
+
     max_new_tokens: int = Field(default=64, ge=1, le=32768)
     temperature: float = Field(default=0.0, ge=0.0, le=10.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, lt=2**63)
     logprobs: bool = False
     stop_at_eos: bool = True
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_prompt(cls, data: object) -> object:
-        return _prompt_shorthand(data)
+    stop: list[StopString] = Field(default_factory=list, max_length=16)
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=1 << 24)]] = Field(
+        default_factory=list, max_length=64
+    )
 
 
 class EmbedRequest(_ModeRequest):
-    """Custom inputs through the frozen core: ``inputs_embeds`` or an input adapter's raw input.
+    """Custom inputs through the frozen core: ``inputs_embeds``, an input adapter's raw input,
+    or text (``prompts`` or ``chats``, through the model's own tokenizer and embeddings).
 
     ``head`` names a registered output head; without it the pooled final hidden state is
-    returned.
+    returned (one row per input).
     """
 
+    prompts: list[Prompt] | None = Field(default=None, min_length=1, max_length=64)
+    chats: list[Chat] | None = Field(default=None, min_length=1, max_length=64)
+    add_generation_prompt: bool = False
     inputs_embeds: TensorPayload | None = None
     adapter: str | None = Field(default=None, max_length=64)
     adapter_input: TensorPayload | None = None
     head: str | None = Field(default=None, max_length=64)
     pooling: Literal["mean", "last"] = "mean"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: object) -> object:
+        return _prompt_shorthand(data)
+
     @model_validator(mode="after")
     def _one_input(self) -> EmbedRequest:
-        if (self.inputs_embeds is None) == (self.adapter_input is None):
-            raise ValueError("give exactly one of 'inputs_embeds' or 'adapter_input'")
+        given = [
+            k
+            for k in ("prompts", "chats", "inputs_embeds", "adapter_input")
+            if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'prompts', 'chats', 'inputs_embeds' or 'adapter_input'"
+            )
         if (self.adapter is None) != (self.adapter_input is None):
             raise ValueError("'adapter' and 'adapter_input' go together")
         for name, t in (
@@ -249,13 +314,14 @@ InterventionOp = Annotated[
 WRITE_OPS = frozenset({"set", "add", "ablate", "patch", "scale_heads"})
 
 
-class InterveneRequest(_ModeRequest):
-    """Prompts and a declarative list of reads and writes at named hook sites.
+class InterveneRequest(_Prompted):
+    """Prompts (or chats) and a declarative list of reads and writes at named hook sites.
 
     Ops run in the order given at each site; a read sees the site after every write to it.
+    Positions index the tokens of each prompt as the model's tokenizer (and chat template)
+    makes them.
     """
 
-    prompts: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=64)
     tensors: dict[TensorName, TableTensor] = Field(default_factory=dict, max_length=64)
     ops: list[InterventionOp] = Field(min_length=1, max_length=64)
     max_new_tokens: int = Field(default=0, ge=0, le=32768)
@@ -263,8 +329,3 @@ class InterveneRequest(_ModeRequest):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, lt=2**63)
     stop_at_eos: bool = True
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_prompt(cls, data: object) -> object:
-        return _prompt_shorthand(data)

@@ -24,8 +24,9 @@ B = TypeVar("B", bound=BaseModel)
 #: Ops every group answers besides the modes' ops.
 CONTROL_OPS = ("ping", "info", "shutdown")
 
-Prompt = Annotated[str, Field(min_length=1)]
 Index = Annotated[int, Field(ge=0)]
+#: A prompt as the gateway tokenized it (ids below the model's vocabulary, checked there).
+PromptIds = Annotated[list[Index], Field(min_length=1)]
 
 
 class _Body(BaseModel):
@@ -33,7 +34,7 @@ class _Body(BaseModel):
 
 
 class _Sampling(_Body):
-    prompts: list[Prompt] = Field(min_length=1)
+    prompt_ids: list[PromptIds] = Field(min_length=1)
     temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, lt=2**63)
@@ -41,15 +42,20 @@ class _Sampling(_Body):
 
 
 class QueryBody(_Sampling):
-    """Generate for each prompt."""
+    """Generate for each prompt; stop at ``stop_token_ids`` or when the text holds one of
+    ``stop`` (besides EOS and ``max_new_tokens``)."""
 
     max_new_tokens: int = Field(default=64, ge=1)
     logprobs: bool = False
+    stop: list[str] = []
+    stop_token_ids: list[Index] = []
 
 
 class EmbedBody(_Body):
-    """Inputs through the frozen core; ``head`` or pooled hidden states out."""
+    """Inputs through the frozen core (token ids, embeddings, or an adapter's input);
+    ``head`` or pooled hidden states out."""
 
+    input_ids: list[PromptIds] | None = None
     inputs_embeds: TensorPayload | None = None
     adapter: str | None = None
     adapter_input: TensorPayload | None = None
@@ -58,10 +64,11 @@ class EmbedBody(_Body):
 
     @model_validator(mode="after")
     def _one_input(self) -> EmbedBody:
-        if (self.inputs_embeds is None) == (self.adapter_input is None) or (
-            self.adapter is None
-        ) != (self.adapter_input is None):
-            raise ValueError("give inputs_embeds, or adapter with adapter_input")
+        inputs = [self.input_ids, self.inputs_embeds, self.adapter_input]
+        if sum(x is not None for x in inputs) != 1 or (self.adapter is None) != (
+            self.adapter_input is None
+        ):
+            raise ValueError("give input_ids, inputs_embeds, or adapter with adapter_input")
         return self
 
 

@@ -29,7 +29,6 @@ import torch
 from tpm_faas.errors import RequestError, TensorError
 from tpm_faas.protocol import codec
 from tpm_faas.sites import BLOCK_SITES, GLOBAL_SITES, Site
-from tpm_faas.tokenizer import ByteTokenizer
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -480,8 +479,10 @@ def _compose(m: torch.Tensor, a: torch.Tensor, w: _GenWrite, mean: torch.Tensor 
 def lens_tables(
     prog: Program, logits: Callable[[torch.Tensor], torch.Tensor]
 ) -> list[dict[str, Any]]:
-    """The logit-lens rows of ``prog`` (``logits`` maps residuals to logits on every rank)."""
-    tok = ByteTokenizer()
+    """The logit-lens rows of ``prog`` (``logits`` maps residuals to logits on every rank).
+
+    Tokens are ids here (``input_token`` and each entry's ``token``); rank 0's scheduler, which
+    holds the model's tokenizer, replaces them by their text (:func:`name_lens_tokens`)."""
     table = []
     for site, pos, top_k, cap in prog.lens:
         probs = torch.softmax(logits(cap.value()).float(), dim=-1)
@@ -492,9 +493,9 @@ def lens_tables(
                     "site": site.name,
                     "layer": site.layer,
                     "position": p,
-                    "input_token": tok.token_str(prog.ids[p]),
+                    "input_token": prog.ids[p],
                     "top": [
-                        {"token": tok.token_str(int(t)), "id": int(t), "prob": round(float(q), 6)}
+                        {"token": int(t), "id": int(t), "prob": round(float(q), 6)}
                         for t, q in zip(
                             top.indices[j].tolist(), top.values[j].tolist(), strict=True
                         )
@@ -502,6 +503,15 @@ def lens_tables(
                 }
             )
     return table
+
+
+def name_lens_tokens(rows: list[dict[str, Any]], token_str: Callable[[int], str]) -> None:
+    """Replace the token ids of :func:`lens_tables`' rows by ``token_str`` of them, in place
+    (keys keep their order: the rows' JSON is priced in that order)."""
+    for row in rows:
+        row["input_token"] = token_str(int(row["input_token"]))
+        for entry in row["top"]:
+            entry["token"] = token_str(int(entry["id"]))
 
 
 def saved_values(

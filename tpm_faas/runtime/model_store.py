@@ -1,105 +1,35 @@
-"""Find a model version on disk and describe it.
+"""Read a model version's weights by shard: each rank reads only its rows or columns.
 
-A version lives in ``<root>/<name>/<version>/``: a transformers ``config.json``, one or more
-``*.safetensors`` files, and optionally ``tpm_model.json`` (tokenizer, registered input
-adapters and output heads, whose weights are in ``extras.safetensors``).
+Where versions live and what they are is :mod:`tpm_faas.catalog`; this module is the loading
+side (safetensors headers and slices read with plain file I/O, AutoTP shard offsets).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tpm_faas.errors import ConfigError, UnknownModel
-from tpm_faas.registry import ModelInfo
-
-
-def resolve(model: str, roots: Sequence[Path]) -> Path:
-    """The directory of ``name@version`` under the first root that has it."""
-    name, _, ver = model.partition("@")
-    if not name or not ver or "/" in model or ".." in model:
-        raise UnknownModel(f"{model!r} is not a model reference of the form name@version")
-    for root in roots:
-        d = Path(root) / name / ver
-        if (d / "config.json").is_file():
-            return d
-    raise UnknownModel(f"model {model} is not in any model root ({', '.join(map(str, roots))})")
-
-
-#: Architectures DeepSpeed AutoTP shards; the others (GPT-2: AutoTP refuses its fused Conv1D
-#: attention) are served at tp=1.
-TP_ARCHITECTURES = ("llama",)
+from tpm_faas.architectures import SUPPORTED, architecture_of
+from tpm_faas.errors import ConfigError
 
 
 def check_tp(name: str, model_dir: Path, tp_size: int) -> None:
-    """Refuse ``tp_size > 1`` for an architecture tensor parallelism cannot shard (read from
-    ``config.json`` alone, before any rank starts)."""
-    if tp_size <= 1:
-        return
-    kind = json.loads((model_dir / "config.json").read_text()).get("model_type", "")
-    if kind not in TP_ARCHITECTURES:
-        raise ConfigError(
-            f"{name} is a {kind or 'unknown'} model, which DeepSpeed AutoTP does not shard; "
-            f"serve it with tp=1 (tensor parallelism: {', '.join(TP_ARCHITECTURES)})"
-        )
-
-
-def checkpoint_sha256(model_dir: Path) -> str:
-    """A hash over every file that defines the version (name and content, in name order)."""
-    h = hashlib.sha256()
-    files = sorted(
-        p for p in model_dir.iterdir() if p.suffix in (".json", ".safetensors") and p.is_file()
-    )
-    for p in files:
-        if p.name == "training.json":
-            continue  # provenance, not part of the model
-        h.update(p.name.encode() + b"\0")
-        with p.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def card(model_dir: Path) -> dict[str, Any]:
-    """``tpm_model.json`` (empty defaults when absent)."""
-    p = model_dir / "tpm_model.json"
-    data: dict[str, Any] = json.loads(p.read_text()) if p.is_file() else {}
-    data.setdefault("tokenizer", "bytes")
-    data.setdefault("adapters", {})
-    data.setdefault("heads", {})
-    return data
-
-
-def model_info(name: str, model_dir: Path, *, dtype: str | None = None) -> ModelInfo:
-    """What the gateway knows of a model version, from its files alone (no torch)."""
-    from tpm_faas.sites import ModelShape
-
+    """Refuse ``tp_size > 1`` for an architecture DeepSpeed AutoTP cannot shard (its
+    ``tensor_parallel`` flag in :data:`tpm_faas.architectures.SUPPORTED`), and any
+    architecture the runtime does not serve, from ``config.json`` alone, before any rank
+    starts."""
     config = json.loads((model_dir / "config.json").read_text())
-    shape = ModelShape.from_config(config)
-    meta = card(model_dir)
-    positions = config.get("max_position_embeddings") or config.get("n_positions")
-    return ModelInfo(
-        name=name,
-        hidden_size=shape.hidden_size,
-        num_layers=shape.num_layers,
-        vocab_size=shape.vocab_size,
-        max_positions=int(positions),
-        tokenizer=str(meta["tokenizer"]),
-        checkpoint_sha256=checkpoint_sha256(model_dir),
-        dtype=dtype or str(config.get("dtype") or config.get("torch_dtype") or "float32"),
-        architecture=shape.architecture,
-        num_heads=shape.num_heads,
-        head_dim=shape.head_dim,
-        adapters=dict(meta["adapters"]),
-        heads=dict(meta["heads"]),
-    )
+    arch = architecture_of(config, what=name)
+    if tp_size > 1 and not arch.tensor_parallel:
+        sharded = ", ".join(a.model_type for a in SUPPORTED.values() if a.tensor_parallel)
+        raise ConfigError(
+            f"{name} is a {arch.model_type} model, which DeepSpeed AutoTP does not shard; "
+            f"serve it with tp=1 (tensor parallelism: {sharded})"
+        )
 
 
 #: safetensors dtype names -> torch dtype names.

@@ -167,6 +167,7 @@ class _Rank0:
             slots=runner.decoder.slots,
             max_len=runner.decoder.max_len,
             max_batch=max_batch,
+            tokenizer=runner.tok,
         )
         self.served = 0
         self.memory = memory  # every rank's, gathered after loading

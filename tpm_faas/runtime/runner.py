@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
+from tpm_faas import catalog
 from tpm_faas._extras import require
 from tpm_faas.errors import RequestError, TensorError
 from tpm_faas.protocol.shard import EmbedBody, parse_body
 from tpm_faas.registry import ModelInfo
 from tpm_faas.runtime import model_store
 from tpm_faas.runtime.interventions import DTYPES, Heads, decode_tensor, encode_tensor
-from tpm_faas.tokenizer import ByteTokenizer
+from tpm_faas.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from tpm_faas.runtime.decoder import Decoder
@@ -49,7 +50,7 @@ class ModelRunner:
         self.model = model
         self.info = info
         self.extras = extras
-        self.tok = ByteTokenizer()
+        self.tok = load_tokenizer(info.tokenizer, info.tokenizer_dir, vocab_size=info.vocab_size)
         self.dtype = DTYPES[info.dtype]
         self.decoder: Decoder | None = None
         self.device = next(model.parameters()).device
@@ -88,7 +89,7 @@ class ModelRunner:
         for mname, buf in module.named_buffers():
             if buf.is_meta:
                 raise RuntimeError(f"buffer {mname} was left on the meta device")
-        meta = model_store.card(model_dir)
+        meta = catalog.card(model_dir)
         extras: dict[str, LinearExtra] = {}
         extras_path = model_dir / "extras.safetensors"
         if extras_path.is_file():
@@ -98,7 +99,7 @@ class ModelRunner:
                     w = tensors[f"{kind}.{ename}.weight"].to(torch.float32)
                     b = tensors.get(f"{kind}.{ename}.bias")
                     extras[f"{kind}.{ename}"] = LinearExtra(w, None if b is None else b.float())
-        info = model_store.model_info(name, model_dir, dtype=dtype)
+        info = catalog.model_info(name, model_dir, dtype=dtype)
         return cls(module, info, extras, weight_bytes=weight_bytes)
 
     # -- query: the serving decoder (batched by the scheduler on rank 0) --------------------
@@ -143,6 +144,8 @@ class ModelRunner:
     @torch.inference_mode()
     def embed(self, message: dict[str, Any]) -> dict[str, Any]:
         body = parse_body(EmbedBody, message)
+        if body.input_ids is not None:
+            return self._embed_ids(body)
         if body.inputs_embeds is not None:
             x = decode_tensor(body.inputs_embeds.model_dump()).float()
         else:
@@ -159,12 +162,25 @@ class ModelRunner:
             )
         core = self.model.base_model  # the decoder stack of the *ForCausalLM
         hidden = core(inputs_embeds=x.to(self.device, self.dtype)).last_hidden_state
-        hidden = hidden.float()
-        pooled = hidden.mean(dim=1) if body.pooling == "mean" else hidden[:, -1]
-        result: dict[str, Any] = {
-            "input_tokens": int(x.shape[0] * x.shape[1]),
-            "pooling": body.pooling,
-        }
+        pooled = _pool(hidden.float(), body.pooling)
+        return self._embed_result(pooled, int(x.shape[0] * x.shape[1]), body)
+
+    def _embed_ids(self, body: EmbedBody) -> dict[str, Any]:
+        """Token ids through the model's own embeddings and the core, one sequence at a time
+        (lengths differ; no padding enters the pooled states)."""
+        assert body.input_ids is not None
+        rows = []
+        core = self.model.base_model
+        for ids in body.input_ids:
+            if max(ids) >= self.info.vocab_size:
+                raise RequestError(f"token id {max(ids)} is outside the vocabulary")
+            t = torch.tensor([ids], device=self.device)
+            rows.append(_pool(core(input_ids=t).last_hidden_state.float(), body.pooling))
+        tokens = sum(len(ids) for ids in body.input_ids)
+        return self._embed_result(torch.cat(rows), tokens, body)
+
+    def _embed_result(self, pooled: torch.Tensor, tokens: int, body: EmbedBody) -> dict[str, Any]:
+        result: dict[str, Any] = {"input_tokens": tokens, "pooling": body.pooling}
         if body.head:
             head = self.extras.get(f"heads.{body.head}")
             if head is None:
@@ -174,6 +190,11 @@ class ModelRunner:
         else:
             result["output"] = encode_tensor(pooled)
         return result
+
+
+def _pool(hidden: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``[b, t, d]`` → ``[b, d]``: the mean over tokens, or the last token."""
+    return hidden.mean(dim=1) if pooling == "mean" else hidden[:, -1]
 
 
 def _gather_heads(t: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,8 @@ from pydantic import BaseModel
 
 from tpm_faas.errors import LimitExceeded, RequestError, ShardGroupError, TPMError
 from tpm_faas.protocol.shard import InterveneBody, QueryBody, parse_body
-from tpm_faas.tokenizer import ByteTokenizer
+from tpm_faas.runtime.interventions import name_lens_tokens
+from tpm_faas.tokenizer import ByteTokenizer, Detokenizer, Tokenizer, find_stop
 
 Plan = dict[str, Any]
 
@@ -55,7 +56,12 @@ class _Sequence:
     temperature: float
     top_p: float
     gen: torch.Generator
-    stop_at_eos: bool
+    #: Ids that end the sequence (EOS unless the request turned it off, and its stop ids).
+    stop_ids: frozenset[int]
+    #: Stop strings, watched through :attr:`text` as it grows.
+    stop: tuple[str, ...] = ()
+    text: Detokenizer | None = None
+    finish_reason: str = "length"
     slot: int = -1
     new: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -78,6 +84,7 @@ class Scheduler:
     :param slots: the decoder's slots (the largest decode batch)
     :param max_len: tokens per slot
     :param max_batch: at most this many sequences decode together (at most ``slots``)
+    :param tokenizer: the model's tokenizer (decodes results; its EOS ids end sequences)
     """
 
     def __init__(
@@ -87,13 +94,13 @@ class Scheduler:
         slots: int,
         max_len: int,
         max_batch: int | None = None,
-        eos_id: int = ByteTokenizer().eos_id,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         self.run_plan = run_plan
         self.max_len = max_len
         self.max_batch = min(max_batch or slots, slots)
-        self.eos_id = eos_id
-        self.tok = ByteTokenizer()
+        self.tok = tokenizer or ByteTokenizer()
+        self.eos_ids = frozenset(self.tok.eos_ids)
         self._free = list(range(self.max_batch))
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -151,8 +158,14 @@ class Scheduler:
 
     def _sequences(self, req: _Request, b: QueryBody | InterveneBody) -> list[_Sequence]:
         seqs = []
-        for i, prompt in enumerate(b.prompts):
-            ids = self.tok.encode(prompt)
+        stop_ids = set(self.eos_ids if b.stop_at_eos else ())
+        stop: tuple[str, ...] = ()
+        if isinstance(b, QueryBody):
+            stop_ids.update(b.stop_token_ids)
+            stop = tuple(b.stop)
+        for i, ids in enumerate(b.prompt_ids):
+            if max(ids) >= self.tok.vocab_size:
+                raise RequestError(f"prompts[{i}] holds id {max(ids)}, outside the vocabulary")
             if len(ids) + b.max_new_tokens > self.max_len:
                 raise LimitExceeded(
                     f"prompts[{i}] ({len(ids)} tokens) plus max_new_tokens ({b.max_new_tokens}) "
@@ -167,7 +180,9 @@ class Scheduler:
                     temperature=b.temperature,
                     top_p=b.top_p,
                     gen=torch.Generator().manual_seed(b.seed + i),
-                    stop_at_eos=b.stop_at_eos,
+                    stop_ids=frozenset(stop_ids),
+                    stop=stop,
+                    text=self.tok.detokenizer() if stop else None,
                 )
             )
         return seqs
@@ -246,11 +261,16 @@ class Scheduler:
             seq.first_token = now
         seq.new.append(nxt)
         seq.logprobs.append(float(logp[nxt]))
-        if (
-            len(seq.new) >= seq.max_new
-            or (seq.stop_at_eos and nxt == self.eos_id)
-            or seq.position + 1 >= self.max_len
-        ):
+        stopped = nxt in seq.stop_ids
+        if seq.text is not None and not stopped:
+            held = len(seq.text.text)
+            if seq.text.push(nxt):
+                # Only the new text (and a stop string's length before it) can hold a new stop.
+                longest = max(len(x) for x in seq.stop)
+                stopped = find_stop(seq.text.text, seq.stop, start=max(held - longest, 0)) >= 0
+        if stopped:
+            seq.finish_reason = "stop"
+        if stopped or len(seq.new) >= seq.max_new or seq.position + 1 >= self.max_len:
             seq.done, seq.finished = True, now
 
     def _fail(self, req: _Request, e: Exception) -> None:
@@ -299,12 +319,15 @@ class Scheduler:
     def _result(self, req: _Request, collected: list[dict[str, Any]] | None) -> dict[str, Any]:
         completions = []
         for s in req.seqs:
+            text = self.tok.decode(s.new)
+            cut = find_stop(text, s.stop)
             item: dict[str, Any] = {
-                "text": self.tok.decode(s.new),
+                "text": text if cut < 0 else text[:cut],
                 "token_ids": s.new,
                 "prompt_tokens": len(s.ids),
                 "completion_tokens": len(s.new),
                 "seconds": round(s.finished - req.enqueued, 6),
+                "finish_reason": s.finish_reason if s.new else "length",
             }
             if req.body.get("logprobs"):
                 item["logprobs"] = [
@@ -326,7 +349,8 @@ class Scheduler:
         for item, s in zip(completions, req.seqs, strict=True):
             got = by_index.get(s.index, {})
             item["saved"] = got.get("saved", {})
-            item["logit_lens"] = got.get("logit_lens", [])
+            item["logit_lens"] = lens = got.get("logit_lens", [])
+            name_lens_tokens(lens, self.tok.token_str)
         return {"results": completions, "timing": timing}
 
 

@@ -83,23 +83,24 @@ class FakeShard:
             raise RequestError(f"unknown shard op {op!r}")
         parsed = parse_body(mode.shard_body, body)  # what rank 0 does first
         if isinstance(parsed, QueryBody):
-            return {"completions": [self._completion(p, parsed) for p in parsed.prompts]}
+            return {"completions": [self._completion(p, parsed) for p in parsed.prompt_ids]}
         if isinstance(parsed, EmbedBody):
             return _embed(parsed, group.model)
         if isinstance(parsed, InterveneBody):
             return _intervene(self, parsed, group.model)
         raise RequestError(f"the fake shard cannot run {op!r}")
 
-    def _completion(self, prompt: str, b: QueryBody | InterveneBody) -> dict[str, Any]:
+    def _completion(self, prompt: list[int], b: QueryBody | InterveneBody) -> dict[str, Any]:
         tok = ByteTokenizer()
         n = b.max_new_tokens if self.new_tokens is None else min(self.new_tokens, b.max_new_tokens)
-        ids = tok.encode("x" * n, add_bos=False)
+        ids = tok.encode("x" * n, add_special=False)
         out: dict[str, Any] = {
             "text": tok.decode(ids),
             "token_ids": ids,
-            "prompt_tokens": len(tok.encode(prompt)),
+            "prompt_tokens": len(prompt),
             "completion_tokens": len(ids),
             "seconds": 0.0,
+            "finish_reason": "length",
         }
         if getattr(b, "logprobs", False):
             out["logprobs"] = [{"token": tok.token_str(t), "id": t, "logprob": 0.0} for t in ids]
@@ -118,12 +119,16 @@ def _prod(shape: list[int]) -> int:
 
 
 def _embed(b: EmbedBody, model: ModelInfo) -> dict[str, Any]:
-    t = b.inputs_embeds if b.inputs_embeds is not None else b.adapter_input
-    assert t is not None
-    batch, tokens = (1, t.shape[0]) if len(t.shape) == 2 else (t.shape[0], t.shape[1])
+    if b.input_ids is not None:
+        batch, n_tokens = len(b.input_ids), sum(len(i) for i in b.input_ids)
+    else:
+        t = b.inputs_embeds if b.inputs_embeds is not None else b.adapter_input
+        assert t is not None
+        batch, tokens = (1, t.shape[0]) if len(t.shape) == 2 else (t.shape[0], t.shape[1])
+        n_tokens = batch * tokens
     width = int(model.heads[b.head]["out_features"]) if b.head else model.hidden_size
     out: dict[str, Any] = {
-        "input_tokens": batch * tokens,
+        "input_tokens": n_tokens,
         "pooling": b.pooling,
         "output": _zeros([batch, width]),
     }
@@ -136,7 +141,7 @@ def _intervene(fake: FakeShard, b: InterveneBody, model: ModelInfo) -> dict[str,
     m = model_shape(model)
     tok = ByteTokenizer()
     runs = []
-    for index, prompt in enumerate(b.prompts):
+    for index, prompt in enumerate(b.prompt_ids):
         run = fake._completion(prompt, b)
         n_prompt, n_new = run["prompt_tokens"], run["completion_tokens"]
         saves: dict[str, dict[str, Any]] = {}
@@ -179,8 +184,7 @@ def _saved(
     return entry
 
 
-def _lens_row(site: Site, p: int, prompt: str, top_k: int, tok: ByteTokenizer) -> dict[str, Any]:
-    ids = tok.encode(prompt)
+def _lens_row(site: Site, p: int, ids: list[int], top_k: int, tok: ByteTokenizer) -> dict[str, Any]:
     top = [{"token": tok.token_str(255), "id": 255, "prob": 1.0 / top_k}] * top_k
     return {
         "site": site.name,

@@ -1,0 +1,128 @@
+"""The architectures the runtime serves, read from a checkpoint's ``config.json`` alone.
+
+One table (:data:`SUPPORTED`) says which ``model_type`` values a shard group can load, which
+published families they cover, and whether DeepSpeed AutoTP shards them. ``tpm-faas models
+add``, the launcher, the hook-site table and the serving decoder all ask it, so a checkpoint
+the runtime cannot serve is refused with the same message everywhere, before any rank starts.
+
+Pure: no torch, no transformers (the gateway and the CLI read it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tpm_faas.errors import UnsupportedArchitecture
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A ``transformers`` ``model_type`` the runtime serves.
+
+    :param model_type: ``config.json``'s ``model_type``
+    :param families: the published model families it covers (for messages and docs)
+    :param tensor_parallel: whether DeepSpeed AutoTP shards it (else it is served at tp=1)
+    :param gpt2_keys: whether its sizes use GPT-2's names (``n_embd``, ``n_head``, ...)
+    """
+
+    model_type: str
+    families: str
+    tensor_parallel: bool = True
+    gpt2_keys: bool = False
+
+
+SUPPORTED: dict[str, Architecture] = {
+    a.model_type: a
+    for a in (
+        Architecture("llama", "Llama 2, Llama 3, Llama 3.1 (rope_scaling llama3)"),
+        Architecture("mistral", "Mistral"),
+        Architecture("qwen2", "Qwen2, Qwen2.5"),
+        Architecture("qwen3", "Qwen3"),
+        # AutoTP refuses GPT-2's fused Conv1D attention.
+        Architecture("gpt2", "GPT-2", tensor_parallel=False, gpt2_keys=True),
+    )
+}
+
+
+def supported() -> str:
+    """The supported architectures, for messages: ``llama (Llama 2, ...), mistral (...)``."""
+    return ", ".join(f"{a.model_type} ({a.families})" for a in SUPPORTED.values())
+
+
+def architecture_of(config: dict[str, Any], *, what: str = "this checkpoint") -> Architecture:
+    """The entry of ``config``'s ``model_type``; :class:`UnsupportedArchitecture` naming the
+    supported ones when there is none."""
+    kind = str(config.get("model_type") or "")
+    arch = SUPPORTED.get(kind)
+    if arch is None:
+        named = f"a {kind!r} model" if kind else "a config.json without model_type"
+        raise UnsupportedArchitecture(
+            f"{what} is {named}, which tpm_faas does not serve; supported: {supported()}"
+        )
+    return arch
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes of a decoder, under one spelling whatever the family's key names."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    #: Tokens a sequence may hold when served (prompt and generated).
+    context_length: int
+    tie_word_embeddings: bool
+
+
+def dims(config: dict[str, Any]) -> Dims:
+    """The sizes of a supported checkpoint's decoder from its ``config.json``.
+
+    The serving context is ``max_position_embeddings``, cut to the sliding window where the
+    checkpoint attends through one (Mistral v0.1; Qwen2 with ``use_sliding_window``): past it
+    the decoder's full attention would differ from the model's windowed one.
+    """
+    arch = architecture_of(config)
+    try:
+        if arch.gpt2_keys:
+            d, heads = int(config["n_embd"]), int(config["n_head"])
+            return Dims(
+                arch.model_type,
+                int(config["n_layer"]),
+                d,
+                heads,
+                heads,
+                d // heads,
+                int(config["vocab_size"]),
+                int(config.get("n_positions") or 1024),  # GPT2Config's default
+                bool(config.get("tie_word_embeddings", True)),
+            )
+        d, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        context = int(config["max_position_embeddings"])
+        window = config.get("sliding_window")
+        windowed = arch.model_type == "mistral" or bool(config.get("use_sliding_window"))
+        if windowed and window:
+            context = min(context, int(window))
+        return Dims(
+            arch.model_type,
+            int(config["num_hidden_layers"]),
+            d,
+            heads,
+            int(config.get("num_key_value_heads") or heads),
+            int(config.get("head_dim") or d // heads),
+            int(config["vocab_size"]),
+            context,
+            bool(config.get("tie_word_embeddings", False)),
+        )
+    except KeyError as e:
+        raise UnsupportedArchitecture(
+            f"config.json of a {arch.model_type} model lacks {e.args[0]!r}"
+        ) from None
+    except (TypeError, ValueError) as e:
+        raise UnsupportedArchitecture(
+            f"config.json of a {arch.model_type} model has a bad size: {e}"
+        ) from None
