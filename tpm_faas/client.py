@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,42 +205,56 @@ class TPMClient:
 
     def generate(
         self,
-        prompts: str | Sequence[str],
+        prompts: str | Sequence[str] | None = None,
         *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        chats: Sequence[Sequence[Mapping[str, str]]] | None = None,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
         logprobs: bool = False,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
         model: str | None = None,
     ) -> Result:
-        """Generate text (greedy when ``temperature`` is 0)."""
-        return self.call(
-            "query",
-            {
-                "prompts": [prompts] if isinstance(prompts, str) else list(prompts),
-                "max_new_tokens": max_new_tokens,
-                "temperature": temperature,
-                "top_p": top_p,
-                "seed": seed,
-                "logprobs": logprobs,
-            },
-            model=model,
-        )
+        """Generate text (greedy when ``temperature`` is 0) for ``prompts``, or for one
+        conversation (``messages``: ``[{"role": "user", "content": "..."}]``) or several
+        (``chats``) rendered with the model's chat template. Generation stops at EOS,
+        ``stop_token_ids``, or one of the ``stop`` strings (cut from the text)."""
+        body: dict[str, Any] = {
+            **_inputs(prompts, messages, chats),
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+            "logprobs": logprobs,
+        }
+        if stop:
+            body["stop"] = list(stop)
+        if stop_token_ids:
+            body["stop_token_ids"] = list(stop_token_ids)
+        return self.call("query", body, model=model)
 
     def embed(
         self,
         inputs_embeds: Any = None,
         *,
+        prompts: str | Sequence[str] | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        chats: Sequence[Sequence[Mapping[str, str]]] | None = None,
         adapter: str | None = None,
         adapter_input: Any = None,
         head: str | None = None,
         pooling: str = "mean",
         model: str | None = None,
     ) -> Result:
-        """Run ``inputs_embeds`` ([batch, tokens, hidden]) or an adapter's raw input through
-        the frozen core; returns pooled hidden states or ``head``'s output."""
+        """Run ``inputs_embeds`` ([batch, tokens, hidden]), an adapter's raw input, or text
+        (``prompts``, ``messages``, ``chats``: through the model's own tokenizer) through the
+        frozen core; returns pooled hidden states or ``head``'s output, one row per input."""
         body: dict[str, Any] = {"pooling": pooling}
+        if prompts is not None or messages is not None or chats is not None:
+            body.update(_inputs(prompts, messages, chats))
         if inputs_embeds is not None:
             body["inputs_embeds"] = encode_array(inputs_embeds)
         if adapter is not None:
@@ -252,9 +266,11 @@ class TPMClient:
 
     def intervene(
         self,
-        prompts: str | Sequence[str],
+        prompts: str | Sequence[str] | None,
         ops: Sequence[dict[str, Any]],
         *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        chats: Sequence[Sequence[Mapping[str, str]]] | None = None,
         tensors: dict[str, Any] | None = None,
         max_new_tokens: int = 0,
         temperature: float = 0.0,
@@ -262,7 +278,8 @@ class TPMClient:
         seed: int = 0,
         model: str | None = None,
     ) -> Result:
-        """Run ``prompts`` under a declarative list of hook-site reads and writes.
+        """Run ``prompts`` (or chats: ``messages``, ``chats``) under a declarative list of
+        hook-site reads and writes; positions index the tokens the model's tokenizer makes.
 
         Tensor values in ``ops`` (``set``'s ``value``, ``add``'s ``vector``) and in
         ``tensors`` (named once, used by ``{"ref": name}``) may be numpy arrays; a ``tensors``
@@ -270,7 +287,7 @@ class TPMClient:
         """
         enc = [{k: encode_array(v) if _is_array(v) else v for k, v in op.items()} for op in ops]
         body: dict[str, Any] = {
-            "prompts": [prompts] if isinstance(prompts, str) else list(prompts),
+            **_inputs(prompts, messages, chats),
             "ops": enc,
             "max_new_tokens": max_new_tokens,
             "temperature": temperature,
@@ -341,3 +358,20 @@ __all__ = [
     "load_results_file",
     "parse_reply",
 ]
+
+
+def _inputs(
+    prompts: str | Sequence[str] | None,
+    messages: Sequence[Mapping[str, str]] | None,
+    chats: Sequence[Sequence[Mapping[str, str]]] | None,
+) -> dict[str, Any]:
+    """The text part of a request: ``prompts`` or ``chats`` (one of them)."""
+    given = [x is not None for x in (prompts, messages, chats)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of prompts, messages or chats")
+    if prompts is not None:
+        return {"prompts": [prompts] if isinstance(prompts, str) else list(prompts)}
+    if messages is not None:
+        return {"chats": [[dict(m) for m in messages]]}
+    assert chats is not None
+    return {"chats": [[dict(m) for m in chat] for chat in chats]}
