@@ -106,6 +106,16 @@ def card(model_dir: Path) -> dict[str, Any]:
     return data
 
 
+def check_servable(model_dir: Path) -> None:
+    """Refuse, before any rank starts, a version the runtime cannot serve: an unsupported
+    architecture (:class:`UnsupportedArchitecture`, listing the supported ones) or no way to
+    tokenize it (:class:`ConfigError`)."""
+    config = _json(model_dir / "config.json")
+    architecture_of(config, what=f"model {model_dir.parent.name}@{model_dir.name}")
+    dims(config)
+    card(model_dir)
+
+
 def model_info(name: str, model_dir: Path, *, dtype: str | None = None) -> ModelInfo:
     """What the gateway knows of a model version, from its files alone (no torch)."""
     from tpm_faas.sites import ModelShape

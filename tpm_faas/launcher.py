@@ -225,7 +225,7 @@ class ShardGroup:
         from parsl.dataflow.dflow import DataFlowKernel
         from parsl.executors import HighThroughputExecutor
 
-        from tpm_faas.catalog import resolve
+        from tpm_faas.catalog import check_servable, resolve
         from tpm_faas.runtime.model_store import check_tp
         from tpm_faas.runtime.rank import serve_rank
 
@@ -235,6 +235,7 @@ class ShardGroup:
         if self.tp_size % nodes:
             raise ConfigError(f"tp={self.tp_size} ranks do not spread evenly over {nodes} nodes")
         model_dir = resolve(self.model, self.settings.model_roots)
+        check_servable(model_dir)
         check_tp(self.model, model_dir, self.tp_size)
         registry = Registry(self.settings.registry_dir)
         registry.unregister(self.model, replica=self.replica)  # left by a group that died

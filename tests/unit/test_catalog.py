@@ -88,6 +88,18 @@ def test_unsupported_architecture_lists_the_supported(tmp_path: Path) -> None:
     assert "supported: llama" in out.output
 
 
+def test_launch_refuses_an_unservable_version_before_any_rank(tmp_path: Path) -> None:
+    version = tmp_path / "models" / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    env = {"TPM_FAAS_MODELS": str(tmp_path / "models"), "TPM_FAAS_HOME": str(tmp_path)}
+    out = CliRunner(env=env).invoke(main, ["launch", "m@1"])
+    errors = [line for line in out.output.splitlines() if line.startswith("tpm-faas: error:")]
+    assert out.exit_code == 7 and len(errors) == 1 and "Traceback" not in out.output
+    assert "model m@1 is a 'mamba' model" in out.output and "supported: llama" in out.output
+    assert not (tmp_path / "registry").exists()
+
+
 def test_no_tokenizer_is_refused_unless_bytes_is_said(tmp_path: Path) -> None:
     from _families import random_model, save_checkpoint
 
