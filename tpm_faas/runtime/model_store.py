@@ -124,11 +124,13 @@ def load_shard(module: Any, model_dir: Path, *, rank: int, tp_size: int) -> int:
     """Fill ``module``'s parameters with this rank's share of the checkpoint; returns bytes read.
 
     ``module`` was built on the meta device and sharded by AutoTP, so each parameter already
-    has its local shape. A parameter whose shape differs from the checkpoint's along one
-    dimension is a shard along it; its offset is the sum of the lower ranks' sizes (gathered
-    from the group, so any split AutoTP chose is read exactly). Only those rows or columns
-    are read from the safetensors files, onto :func:`rank_device`: no rank ever holds the
-    whole model.
+    has its local shape. The local shapes of every rank are gathered: a parameter whose shape
+    differs from the checkpoint's along one dimension on any rank is a shard along it, and
+    this rank's piece starts at the sum of the lower ranks' sizes, so whatever split AutoTP
+    chose is read exactly (uneven ones included: AutoTP splits in grains of 64, so a rank may
+    hold the whole of a small tensor and another none of it). Only those rows or columns are
+    read from the safetensors files, onto :func:`rank_device`: no rank ever holds the whole
+    model.
     """
     import torch
 
@@ -139,24 +141,35 @@ def load_shard(module: Any, model_dir: Path, *, rank: int, tp_size: int) -> int:
     missing = sorted(set(params) - set(entries))
     if missing:
         raise ConfigError(f"checkpoint {model_dir} lacks tensors: {', '.join(missing[:5])}")
-    split: dict[str, int] = {}
-    for name, p in params.items():
+    names = list(params)
+    every = _gather_shapes([tuple(params[n].shape) for n in names], tp_size=tp_size)
+    split: dict[str, tuple[int, int]] = {}  # name -> (dimension, this rank's start)
+    for i, name in enumerate(names):
         full = entries[name].shape
-        dims = [d for d in range(len(full)) if len(full) == p.dim() and p.shape[d] != full[d]]
-        if len(full) != p.dim() or len(dims) > 1:
-            raise ConfigError(f"{name}: local shape {list(p.shape)} vs checkpoint {list(full)}")
+        shapes = [ranks[i] for ranks in every]
+        if any(len(s) != len(full) for s in shapes):
+            raise ConfigError(
+                f"{name}: local shape {list(shapes[rank])} vs checkpoint {list(full)}"
+            )
+        dims = sorted({d for s in shapes for d in range(len(full)) if s[d] != full[d]})
+        if len(dims) > 1:
+            raise ConfigError(
+                f"{name}: local shape {list(shapes[rank])} vs checkpoint {list(full)}"
+            )
         if dims:
-            split[name] = dims[0]
-    offsets = _shard_offsets(
-        [params[n].shape[d] for n, d in split.items()], rank=rank, tp_size=tp_size
-    )
-    start_of = dict(zip(split, offsets, strict=True))
+            d = dims[0]
+            sizes = [s[d] for s in shapes]
+            if sum(sizes) != full[d]:
+                raise ConfigError(
+                    f"{name}: shards of {sizes} along dimension {d} do not make up {full[d]}"
+                )
+            split[name] = (d, sum(sizes[:rank]))
     nbytes = 0
     with torch.no_grad():
         for name, p in params.items():
             if name in split:
-                d = split[name]
-                t = read_tensor(entries[name], d, start_of[name], p.shape[d])
+                d, start = split[name]
+                t = read_tensor(entries[name], d, start, p.shape[d])
             else:
                 t = read_tensor(entries[name])
             p.data = t.to(device=device, dtype=p.dtype)
@@ -184,18 +197,20 @@ def _tied_entries(
     return {out_name: entries[source]}
 
 
-def _shard_offsets(local_sizes: list[int], *, rank: int, tp_size: int) -> list[int]:
-    """Where this rank's shard starts, per split tensor: the sum of lower ranks' sizes."""
-    if tp_size == 1 or not local_sizes:
-        return [0] * len(local_sizes)
+def _gather_shapes(local: list[tuple[int, ...]], *, tp_size: int) -> list[list[tuple[int, ...]]]:
+    """Every rank's local shapes of the same parameters (in rank order); one all-gather."""
+    if tp_size == 1:
+        return [local]
     import torch
     import torch.distributed as dist
 
-    mine = torch.tensor(local_sizes, dtype=torch.int64, device=rank_device())
+    width = max((len(s) for s in local), default=0)
+    table = [[*s, *[-1] * (width - len(s))] for s in local]
+    mine = torch.tensor(table, dtype=torch.int64, device=rank_device()).reshape(len(local), width)
     every = [torch.zeros_like(mine) for _ in range(tp_size)]
     dist.all_gather(every, mine)
-    below = torch.stack(every[:rank]).sum(0) if rank else torch.zeros_like(mine)
-    return [int(x) for x in below.cpu()]
+    # -1 pads a shape to the table's width (sizes are never negative)
+    return [[tuple(int(x) for x in row if x >= 0) for row in t.cpu().tolist()] for t in every]
 
 
 def rank_device() -> Any:
