@@ -162,7 +162,11 @@ def steering(model: Any, tokens: int, repeats: int) -> dict[str, Any]:
         max_new_tokens=tokens,
         stop_at_eos=False,
     )
-    plain_body = {"prompts": [prompt], "max_new_tokens": tokens, "stop_at_eos": False}
+    plain_body = {
+        "prompt_ids": [ByteTokenizer().encode(prompt)],
+        "max_new_tokens": tokens,
+        "stop_at_eos": False,
+    }
     dec = Decoder(model, slots=1, max_len=512)
     sched = Scheduler(dec.run_plan, slots=1, max_len=512)
     rates: dict[str, list[float]] = {"plain": [], "ours": []}
