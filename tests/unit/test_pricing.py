@@ -4,7 +4,8 @@ gateway counts and charges never exceeds what admission held, and no post is cap
 The gateway here is the real one (dev tokens, policy, SQLite ledger, registry, results by
 reference) with a shard seam that runs the real runtime in process: the serving
 :class:`Decoder` and :class:`Scheduler` (query, intervene) and :class:`ModelRunner.embed`
-on the bundled demo model and a random GPT-2, so ``bytes_returned`` is counted exactly as a
+on the bundled demo model, a random GPT-2 (both byte-level) and a published Qwen3 checkpoint
+with its own BPE tokenizer and chat template, so ``bytes_returned`` is counted exactly as a
 site counts it (``Gateway._bytes_out``), offload to a results file included.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from _models import random_gpt2
+from _published import published
 from _reference import info_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,7 +43,7 @@ from tpm_faas.runtime.scheduler import Scheduler
 from tpm_faas.sites import BLOCK_SITES, GLOBAL_SITES
 from tpm_faas.testing.shard import fake_site
 
-DEMO, GPT2 = "demo-tpm@1", "gpt2-random@1"
+DEMO, GPT2, QWEN = "demo-tpm@1", "gpt2-random@1", "qwen3-bpe@1"
 DEMO_DIR = BUNDLED_MODELS / "demo-tpm" / "1"
 RATES = {
     "per_request": 0.001,
@@ -55,13 +57,13 @@ POLICY = {
     "default": "deny",
     "hold_ttl_s": 3600,
     "tiers": {"standard": 1.0},
-    "models": {DEMO: RATES, GPT2: RATES},
+    "models": {DEMO: RATES, GPT2: RATES, QWEN: RATES},
     "groups": [
         {
             "name": "developers",
             "match": {"identities": ["dev@localhost"]},
             "modes": ["query", "embed", "intervene"],
-            "models": [DEMO, GPT2],
+            "models": [DEMO, GPT2, QWEN],
             "allocation": "demo",
             "limits": {
                 "max_prompts": 8,
@@ -94,7 +96,8 @@ class InProcessShards:
         if op == "embed":
             return self.runners[name].embed(body)
         dec = self.decoders[name]
-        sched = Scheduler(dec.run_plan, slots=dec.slots, max_len=dec.max_len)
+        tok = self.runners[name].tok
+        sched = Scheduler(dec.run_plan, slots=dec.slots, max_len=dec.max_len, tokenizer=tok)
         sched.submit(0, request_id, body, intervene=op == "intervene")
         replies = []
         while sched.busy:
@@ -125,11 +128,20 @@ def _gpt2_runner() -> ModelRunner:
     return ModelRunner(model, replace(info_of(model), name=GPT2), {})
 
 
+def _qwen_runner(directory: Path) -> ModelRunner:
+    """A published checkpoint (random weights, a BPE tokenizer trained on the corpus, a
+    ChatML template), imported as a version."""
+    model = published("qwen3", directory / "src")
+    catalog.import_checkpoint(directory / "src", QWEN, directory / "root")
+    info = catalog.model_info(QWEN, directory / "root" / "qwen3-bpe" / "1", dtype="float32")
+    return ModelRunner(model, info, {})
+
+
 class Site:
     """A gateway on real site components in a temporary home, over the in-process runtime."""
 
     def __init__(self, home: Path) -> None:
-        runners = {DEMO: _demo_runner(), GPT2: _gpt2_runner()}
+        runners = {DEMO: _demo_runner(), GPT2: _gpt2_runner(), QWEN: _qwen_runner(home / "qwen")}
         policy = home / "policy.yaml"
         home.mkdir(parents=True, exist_ok=True)
         policy.write_text(json.dumps(POLICY))
@@ -138,18 +150,20 @@ class Site:
         self.gateway, tokens, _ = fake_site(
             home, policy, shard=self.shards, model=runners[DEMO].info, inline_limit_bytes=2000
         )
-        Registry(self.gateway.settings.registry_dir).register(
-            GroupEntry(
-                model=runners[GPT2].info,
-                address="inproc://gpt2",
-                tp_size=1,
-                pid=0,
-                host="localhost",
-                started_at=0.0,
+        for name in (GPT2, QWEN):
+            Registry(self.gateway.settings.registry_dir).register(
+                GroupEntry(
+                    model=runners[name].info,
+                    address=f"inproc://{name}",
+                    tp_size=1,
+                    pid=0,
+                    host="localhost",
+                    started_at=0.0,
+                )
             )
-        )
         self.token = tokens["dev"]
         self.infos = {name: r.info for name, r in runners.items()}
+        _INFOS[QWEN] = self.infos[QWEN]  # the strategies below draw from it
         self.n = 0
 
     def check(self, mode: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +216,7 @@ def _vec(rng: np.random.Generator, shape: list[int], dtype: str = "float32") -> 
 
 @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
-    model=st.sampled_from([DEMO, GPT2]),
+    model=st.sampled_from([DEMO, GPT2, QWEN]),
     prompts=PROMPTS,
     max_new=st.integers(1, 8),
     temperature=st.sampled_from([0.0, 0.8, 3.0]),
@@ -234,9 +248,9 @@ def test_query_is_priced_within_its_hold(
     )
 
 
-@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
-    model=st.sampled_from([DEMO, GPT2]),
+    model=st.sampled_from([DEMO, GPT2, QWEN]),
     batch=st.integers(1, 3),
     tokens=st.integers(1, 4),
     adapter=st.booleans(),
@@ -272,12 +286,72 @@ def test_embed_is_priced_within_its_hold(
     site.check("embed", req)
 
 
+CHATS = st.lists(
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["system", "user", "assistant"]), "content": TEXT}
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    min_size=1,
+    max_size=2,
+)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    chats=CHATS,
+    max_new=st.integers(1, 12),
+    temperature=st.sampled_from([0.0, 1.5]),
+    logprobs=st.booleans(),
+    stop=st.lists(TEXT, max_size=2),
+    stop_ids=st.lists(st.integers(0, 519), max_size=3),
+    seed=st.integers(0, 1000),
+)
+def test_chat_query_with_stops_is_priced_within_its_hold(
+    site: Site,
+    chats: list[list[dict[str, str]]],
+    max_new: int,
+    temperature: float,
+    logprobs: bool,
+    stop: list[str],
+    stop_ids: list[int],
+    seed: int,
+) -> None:
+    """A checkpoint's own tokenizer: a token may decode to many characters."""
+    site.check(
+        "query",
+        {
+            "model": QWEN,
+            "chats": chats,
+            "max_new_tokens": max_new,
+            "temperature": temperature,
+            "logprobs": logprobs,
+            "stop": stop,
+            "stop_token_ids": stop_ids,
+            "seed": seed,
+        },
+    )
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    model=st.sampled_from([DEMO, QWEN]), prompts=PROMPTS, pooling=st.sampled_from(["mean", "last"])
+)
+def test_text_embed_is_priced_within_its_hold(
+    site: Site, model: str, prompts: list[str], pooling: str
+) -> None:
+    site.check("embed", {"model": model, "prompts": prompts, "pooling": pooling})
+
+
 @st.composite
 def intervene_requests(draw: st.DrawFn) -> dict[str, Any]:
-    model = draw(st.sampled_from([DEMO, GPT2]))
+    model = draw(st.sampled_from([DEMO, GPT2, QWEN]))
     prompts = draw(PROMPTS)
     max_new = draw(st.integers(0, 4))
-    shortest = min(len(p.encode()) + 1 for p in prompts)
+    # Byte-level: BOS + bytes; the BPE tokenizer makes at least one token of any text.
+    shortest = 1 if model == QWEN else min(len(p.encode()) + 1 for p in prompts)
     seed = draw(st.integers(0, 1000))
     return {
         "model": model,
