@@ -301,3 +301,54 @@ def test_inline_tensor_names_cannot_collide_with_the_request_tables() -> None:
     assert a.body["ops"][0]["value"] == "ops.1.value"
     assert a.body["ops"][1]["value"] == "#ops.1.value"
     assert a.body["tensors"]["ops.1.value"] == ones
+
+
+@pytest.mark.parametrize(
+    "body,match",
+    [
+        ({"prompts": ["x"], "messages": [{"role": "user", "content": "x"}]}, "exactly one"),
+        ({"messages": []}, "at least 1"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+        ({"messages": [{"role": "user", "content": "x", "name": "a"}]}, "Extra inputs"),
+        ({"prompt": "x", "stop": [""]}, "at least 1 character"),
+        ({"prompt": "x", "stop_token_ids": [-1]}, "greater than or equal to 0"),
+        ({}, "exactly one"),
+    ],
+)
+def test_chat_and_stop_fields_are_checked(body: dict[str, object], match: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=match):
+        QueryRequest.model_validate({"model": "m@1", **body})
+
+
+def test_chats_need_a_chat_template() -> None:
+    """A byte-level model has no chat template: chats are refused at admission (no charge)."""
+    chat = [{"role": "user", "content": "Who made light?"}]
+    for mode, req in (
+        (
+            "query",
+            QueryRequest.model_validate({"model": "m@1", "messages": chat, "max_new_tokens": 4}),
+        ),
+        ("embed", EmbedRequest.model_validate({"model": "m@1", "messages": chat})),
+        (
+            "intervene",
+            InterveneRequest.model_validate(
+                {"model": "m@1", "messages": chat, "ops": [{"op": "save", "site": "embed"}]}
+            ),
+        ),
+    ):
+        with pytest.raises(RequestError, match="no chat template"):
+            MODES[mode].admit(req, INFO, LIMITS)
+
+
+def test_text_embed_is_tokenized_and_priced_per_input() -> None:
+    a = MODES["embed"].admit(
+        EmbedRequest.model_validate({"model": "m@1", "prompts": ["abc", "de"]}), INFO, LIMITS
+    )
+    assert a.body["input_ids"] == [[256, 97, 98, 99], [256, 100, 101]]
+    assert a.worst.input_tokens == 7 and a.worst.bytes_returned > 2 * 8 * 4
+    with pytest.raises(LimitExceeded, match=r"inputs\[0\]"):
+        MODES["embed"].admit(
+            EmbedRequest.model_validate({"model": "m@1", "prompts": ["x" * 40]}), INFO, LIMITS
+        )
