@@ -78,7 +78,8 @@ def pair(
     try:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.eval()
         yield {
             "family": family,
             "tp2": group.client(),

@@ -10,6 +10,7 @@ weight and bias drawn). The runtime is the one rank 0 runs: :class:`Scheduler` o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,18 @@ PROMPTS = [
     [TOK.bos_id, 7, 200, 31, 31, 99, 250, 1],  # any ids, not only text
 ]
 NEW = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads; on a shared machine, spinning OpenMP threads
+    make each step ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -196,13 +196,21 @@ class Decoder:
         x = self.arch.embed(torch.tensor(tokens, device=self.device)[:, None], pos[:, None])
         if tap is not None:
             x = tap(EMBED, x)
-        # Each slot attends to its own prefix: keys at positions <= its own.
-        mask = (torch.arange(width, device=self.device)[None] <= pos[:, None])[:, None, None]
+        # Each slot attends to its own prefix: keys at positions <= its own. When every slot
+        # is at the same position (always at batch 1) that is the whole width: no mask.
+        mask: torch.Tensor | None = None
+        if min(positions) != max(positions):
+            mask = (torch.arange(width, device=self.device)[None] <= pos[:, None])[:, None, None]
         contiguous = slots == list(range(slots[0], slots[0] + b))
+        one = (slots[0], positions[0]) if b == 1 else None
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.k_cache[i, idx, :, pos] = k[:, :, 0]
-            self.v_cache[i, idx, :, pos] = v[:, :, 0]
+            if one is not None:  # plain indexing: a copy, no index_put
+                self.k_cache[i, one[0], :, one[1]] = k[0, :, 0]
+                self.v_cache[i, one[0], :, one[1]] = v[0, :, 0]
+            else:
+                self.k_cache[i, idx, :, pos] = k[:, :, 0]
+                self.v_cache[i, idx, :, pos] = v[:, :, 0]
             if contiguous:  # a view, no gather
                 keys = self.k_cache[i, slots[0] : slots[0] + b, :, :width]
                 values = self.v_cache[i, slots[0] : slots[0] + b, :, :width]
