@@ -8,18 +8,28 @@ parameters) and dtype, on this machine's CPU:
 * **ours, one by one**: 8 requests served sequentially (the serial baseline for batching);
 * **ours, 8 concurrent**: the same 8 requests submitted together (iteration-level batching).
 
-Figures are generated tokens per second (prefill included, as a user sees it), best of
-``--repeats``. Ratios: ours b1 / HF b1 (target >= 1.0) and 8 concurrent / one by one (target
->= 2). Prints a table and writes JSON (``--out``). GPU rows need a CUDA device and are skipped
-here otherwise; ``--gpu-only`` runs just them (``bench/gpu.sh``).
+Then the same four figures for each served family (``llama``, ``llama3.1`` with ``llama3``
+RoPE scaling, ``mistral``, ``qwen2``, ``qwen3``, ``gpt2``): a random-weight model of the
+family's shape from ``tests/_families.py`` (4 layers, width 256, fp32, byte vocabulary).
 
-    python bench/decode.py [--tokens 64] [--repeats 3] [--gpu-only] [--out bench/out/decode.json]
+Figures are generated tokens per second (prefill included, as a user sees it), best of
+``--repeats``, the contenders of a row timed in turn (so a busy machine slows all of them
+alike). Ratios: ours b1 / HF b1 (target >= 1.0) and 8 concurrent / one by one (target >= 2).
+Prints a table and writes JSON (``--out``). GPU rows need a CUDA device and are skipped here
+otherwise; ``--gpu-only`` runs just them (``bench/gpu.sh``), ``--families-only`` just the
+family rows.
+
+    python bench/decode.py [--tokens 64] [--repeats 3] [--threads N] [--gpu-only]
+                           [--families-only] [--out bench/out/decode.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +52,37 @@ PROMPTS = [
     "These are the generations of the sons of Noah, Shem, Ham, and Japheth:",
     "And the LORD said unto Noah, Come thou and all thy house into the ark;",
 ]
+
+
+#: Every family at one benchmark size (the test fixtures' kinds: GQA, RoPE scaling, biases,
+#: q/k norms, tying), with room for the longest prompt plus the generated tokens.
+LLAMA_SHAPE = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "max_position_embeddings": 512,
+}
+FAMILY_SHAPES: dict[str, dict[str, Any]] = {
+    "llama": LLAMA_SHAPE,
+    "llama3.1": LLAMA_SHAPE,
+    "mistral": {**LLAMA_SHAPE, "sliding_window": 512},
+    "qwen2": LLAMA_SHAPE,
+    "qwen3": LLAMA_SHAPE,
+    "gpt2": {"n_embd": 256, "n_layer": 4, "n_head": 8, "n_positions": 512},
+}
+
+
+def family_model(family: str) -> Any:
+    """The family's random-weight model at the benchmark size (``tests/_families.py``)."""
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from _families import random_model
+
+    return random_model(family, **FAMILY_SHAPES[family])
 
 
 def demo_model(dtype: torch.dtype) -> Any:
@@ -69,24 +110,43 @@ def measure(model: Any, tokens: int, repeats: int) -> dict[str, float]:
 
     def serve(prompts: list[str]) -> None:
         for i, p in enumerate(prompts):
-            body = {"prompts": [p], "max_new_tokens": tokens, "stop_at_eos": False}
+            body = {"prompt_ids": [tok.encode(p)], "max_new_tokens": tokens, "stop_at_eos": False}
             sched.submit(i, str(i), body)
         while sched.busy:
             sched.step()
 
-    t_hf = best(hf_b1, repeats)
-    t_b1 = best(lambda: serve(PROMPTS[:1]), repeats)
-    t_serial = best(lambda: [serve([p]) for p in PROMPTS], repeats)
-    t_conc = best(lambda: serve(PROMPTS), repeats)
+    t = best_in_turn(
+        {
+            "hf": hf_b1,
+            "b1": lambda: serve(PROMPTS[:1]),
+            "serial": lambda: [serve([p]) for p in PROMPTS],
+            "conc": lambda: serve(PROMPTS),
+        },
+        repeats,
+    )
     return {
-        "hf_generate_b1_tok_s": tokens / t_hf,
-        "ours_b1_tok_s": tokens / t_b1,
-        "ours_one_by_one_tok_s": n * tokens / t_serial,
-        "ours_8_concurrent_tok_s": n * tokens / t_conc,
-        "ratio_b1_vs_hf": t_hf / t_b1,
-        "ratio_concurrent_vs_one_by_one": t_serial / t_conc,
-        "ratio_concurrent_vs_hf_serial": n * t_hf / t_conc,
+        "hf_generate_b1_tok_s": tokens / t["hf"],
+        "ours_b1_tok_s": tokens / t["b1"],
+        "ours_one_by_one_tok_s": n * tokens / t["serial"],
+        "ours_8_concurrent_tok_s": n * tokens / t["conc"],
+        "ratio_b1_vs_hf": t["hf"] / t["b1"],
+        "ratio_concurrent_vs_one_by_one": t["serial"] / t["conc"],
+        "ratio_concurrent_vs_hf_serial": n * t["hf"] / t["conc"],
     }
+
+
+def best_in_turn(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """The fastest of ``repeats`` timed calls of each function (after one warm-up call each),
+    calling them in turn, so load from elsewhere falls on every contender alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, float] = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name] = min(times.get(name, float("inf")), time.perf_counter() - t0)
+    return times
 
 
 def copy_bandwidth(repeats: int, nbytes: int = 2 << 30) -> float:
@@ -124,7 +184,8 @@ def gpu_rows(tokens: int, repeats: int) -> list[dict[str, Any]]:
 
         def serve(n: int = batch, s: Scheduler = sched) -> None:
             for i in range(n):
-                body = {"prompts": [PROMPTS[i % len(PROMPTS)]], "max_new_tokens": tokens}
+                ids = ByteTokenizer().encode(PROMPTS[i % len(PROMPTS)])
+                body = {"prompt_ids": [ids], "max_new_tokens": tokens}
                 s.submit(i, str(i), {**body, "stop_at_eos": False})
             while s.busy:
                 s.step()
@@ -148,12 +209,18 @@ def gpu_rows(tokens: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def run(tokens: int, repeats: int, gpu_only: bool = False) -> dict[str, Any]:
-    torch.set_num_threads(os.cpu_count() or 1)
+def run(
+    tokens: int,
+    repeats: int,
+    gpu_only: bool = False,
+    families_only: bool = False,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     rows = []
     cases = (
         []
-        if gpu_only
+        if gpu_only or families_only
         else [
             ("demo-tpm@1 (3.1M)", demo_model, torch.float32),
             ("demo-tpm@1 (3.1M)", demo_model, torch.bfloat16),
@@ -167,6 +234,21 @@ def run(tokens: int, repeats: int, gpu_only: bool = False) -> dict[str, Any]:
         row.update(measure(model, tokens, repeats))
         rows.append(row)
         print(f"  measured {name} {row['dtype']}", flush=True)
+    families = []
+    for family in [] if gpu_only else FAMILY_SHAPES:
+        model = family_model(family)
+        params = sum(p.numel() for p in model.parameters())
+        row = {
+            "model": f"{family} ({params / 1e6:.1f}M)",
+            "family": family,
+            "model_type": model.config.model_type,
+            "parameters": params,
+            "dtype": "float32",
+            "shape": FAMILY_SHAPES[family],
+        }
+        row.update(measure(model, tokens, repeats))
+        families.append(row)
+        print(f"  measured family {family}", flush=True)
     return record(
         "decode",
         torch_threads=torch.get_num_threads(),
@@ -174,6 +256,7 @@ def run(tokens: int, repeats: int, gpu_only: bool = False) -> dict[str, Any]:
         tokens=tokens,
         repeats=repeats,
         rows=rows,
+        families=families,
     )
 
 
@@ -183,14 +266,17 @@ def table(result: dict[str, Any]) -> str:
         f"{'1-by-1':>8} {'8 conc':>8} {'x 1-by-1':>9}"
     )
     lines = [head, "-" * len(head)]
-    for r in result["rows"]:
+    for r in [*result["rows"], *result.get("families", [])]:
         lines.append(
             f"{r['model']:<20} {r['dtype']:<9} {r['hf_generate_b1_tok_s']:>8.0f} "
             f"{r['ours_b1_tok_s']:>8.0f} {r['ratio_b1_vs_hf']:>6.2f} "
             f"{r['ours_one_by_one_tok_s']:>8.0f} {r['ours_8_concurrent_tok_s']:>8.0f} "
             f"{r['ratio_concurrent_vs_one_by_one']:>9.2f}"
         )
-    lines.append("(tok/s; 'x HF' and 'x 1-by-1' are ratios measured in this run)")
+    lines.append(
+        f"(tok/s, {result['torch_threads']} torch threads; 'x HF' and 'x 1-by-1' are ratios "
+        "measured in this run)"
+    )
     if isinstance(result["gpu"], list):
         for g in result["gpu"]:
             frac = g["fraction_of_roofline"]
@@ -211,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("bench/out/decode.json"))
     p.add_argument("--gpu-only", action="store_true", help="skip the CPU rows (bench/gpu.sh)")
+    p.add_argument("--families-only", action="store_true", help="only the family rows (CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
     a = p.parse_args(argv)
-    result = run(a.tokens, a.repeats, a.gpu_only)
+    result = run(a.tokens, a.repeats, a.gpu_only, a.families_only, a.threads)
     print(table(result))
     write(result, a.out)
     return 0
