@@ -45,6 +45,24 @@ SUPPORTED: dict[str, Architecture] = {
 }
 
 
+#: RoPE types whose frequencies ``transformers`` recomputes from the sequence length during the
+#: forward pass: the serving decoder's table, computed once for every position, cannot match
+#: them, so such checkpoints are refused.
+DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+def rope_type(config: dict[str, Any]) -> str:
+    """The RoPE type of a ``config.json`` (``rope_scaling`` or ``rope_parameters``;
+    ``default`` when it has none)."""
+    for key in ("rope_scaling", "rope_parameters"):  # as published, as transformers 5 saves
+        rope = config.get(key)
+        if isinstance(rope, dict):
+            kind = str(rope.get("rope_type") or rope.get("type") or "default")
+            if kind != "default":
+                return kind
+    return "default"
+
+
 def supported() -> str:
     """The supported architectures, for messages: ``llama (Llama 2, ...), mistral (...)``."""
     return ", ".join(f"{a.model_type} ({a.families})" for a in SUPPORTED.values())
@@ -100,6 +118,12 @@ def dims(config: dict[str, Any]) -> Dims:
                 int(config["vocab_size"]),
                 int(config.get("n_positions") or 1024),  # GPT2Config's default
                 bool(config.get("tie_word_embeddings", True)),
+            )
+        kind = rope_type(config)
+        if kind in DYNAMIC_ROPE:
+            raise UnsupportedArchitecture(
+                f"rope_type {kind!r} recomputes its frequencies from the sequence length; "
+                "the serving decoder serves static RoPE types only"
             )
         d, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         context = int(config["max_position_embeddings"])

@@ -164,3 +164,18 @@ def test_models_cli_add_list_show(sources: dict[str, tuple[Path, Any]], tmp_path
     sites = runner.invoke(main, ["sites", "mistral-tiny@1", "--prompt", "And God", "--json"])
     tokens = json.loads(sites.output)["tokens"]
     assert tokens[0]["token"] == "<s>" and "".join(t["token"] for t in tokens[1:]) == "And God"
+
+
+def test_dynamic_rope_is_refused_before_any_rank(
+    sources: dict[str, tuple[Path, Any]], tmp_path: Path
+) -> None:
+    src, _ = sources["llama"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in src.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    config = json.loads((bad / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitecture, match="rope_type 'dynamic'"):
+        describe(bad)

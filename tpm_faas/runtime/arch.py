@@ -31,12 +31,8 @@ from typing import Any
 
 import torch
 
-from tpm_faas.architectures import architecture_of
+from tpm_faas.architectures import DYNAMIC_ROPE, architecture_of
 from tpm_faas.errors import UnsupportedArchitecture
-
-#: RoPE types whose frequencies ``transformers`` recomputes from the sequence length during the
-#: forward pass: a table computed once for every position cannot match them.
-DYNAMIC_ROPE = ("dynamic", "longrope")
 
 
 def byte_llama_config(**shape: Any) -> Any:

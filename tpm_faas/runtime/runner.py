@@ -85,7 +85,8 @@ class ModelRunner:
         core = module.base_model
         if hasattr(core, "rotary_emb"):
             rotary = core.rotary_emb
-            core.rotary_emb = type(rotary)(config=config, device=model_store.rank_device())
+            with torch.device(model_store.rank_device()):
+                core.rotary_emb = type(rotary)(config=config)
         for mname, buf in module.named_buffers():
             if buf.is_meta:
                 raise RuntimeError(f"buffer {mname} was left on the meta device")
