@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,51 @@ def demo_config() -> LlamaConfig:
     )
 
 
+def lr_at(step: int, *, steps: int, lr: float) -> float:
+    """Linear warm-up over the first 5 % of ``steps``, then cosine decay to 2 % of ``lr``."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))) + lr * 0.02
+
+
+def fit(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    log_every: int = 50,
+) -> float:
+    """Train ``model`` for ``steps`` steps on ``batch(step)`` (input ids, labels: -100 is not
+    scored); returns the final loss (an exponential moving average)."""
+    t0 = time.monotonic()
+    tokens = 0
+    loss_ema = float("nan")
+    model.train()
+    for step in range(steps):
+        ids, labels = batch(step)
+        tokens += int((labels != -100).sum())
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps=steps, lr=lr)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        value = loss.item()
+        loss_ema = value if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * value
+        if step % log_every == 0 or step == steps - 1:
+            el = time.monotonic() - t0
+            print(
+                f"step {step:5d}  loss {loss_ema:.3f}  {tokens / el:,.0f} tok/s  {el:.0f} s",
+                flush=True,
+            )
+    model.eval()
+    return loss_ema
+
+
 def train(
     corpus: Path,
     out_dir: Path,
@@ -73,38 +119,17 @@ def train(
     model = LlamaForCausalLM(demo_config())
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        return (
-            lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-            + lr * 0.02
-        )
-
     gen = torch.Generator().manual_seed(seed)
     bos = torch.full((batch_size, 1), tok.bos_id, dtype=torch.long)
-    t0 = time.monotonic()
-    loss_ema = float("nan")
-    model.train()
-    for step in range(steps):
+
+    def batch(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(0, len(data) - seq_len, (batch_size,), generator=gen)
         chunk = torch.stack([data[s : s + seq_len] for s in starts.tolist()])
         ids = torch.cat([bos, chunk], dim=1)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        loss_ema = float(loss) if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * float(loss)
-        if step % log_every == 0 or step == steps - 1:
-            el = time.monotonic() - t0
-            tps = (step + 1) * batch_size * seq_len / el
-            print(f"step {step:5d}  loss {loss_ema:.3f}  {tps:,.0f} tok/s  {el:.0f} s", flush=True)
-    model.eval()
+        return ids, ids
+
+    t0 = time.monotonic()
+    loss_ema = fit(model, opt, batch, steps=steps, lr=lr, log_every=log_every)
     out_dir.mkdir(parents=True, exist_ok=True)
     # transformers types PreTrainedModel.to oddly; the call is nn.Module.to.
     model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)  # type: ignore[arg-type]
@@ -130,10 +155,33 @@ def train(
     return info
 
 
+#: The card's declarations of what :func:`fit_extras` makes (``extras.safetensors``).
+EXTRAS_CARD: dict[str, Any] = {
+    "adapters": {
+        "features-linear": {
+            "kind": "linear",
+            "in_features": ADAPTER_IN,
+            "description": "seeded linear projection of feature vectors into embedding space",
+        }
+    },
+    "heads": {
+        "regression": {
+            "kind": "linear",
+            "out_features": 1,
+            "description": "predicts log(characters) of a text from its mean-pooled final "
+            "hidden state (ridge fit on Genesis verses)",
+        }
+    },
+}
+
+
 @torch.inference_mode()
-def _write_extras(model: LlamaForCausalLM, text: str, out_dir: Path, seed: int) -> float:
-    """The input adapter (seeded) and the regression head (ridge fit); returns the head's R²."""
-    tok = ByteTokenizer()
+def fit_extras(
+    model: LlamaForCausalLM, encode: Callable[[str], Sequence[int]], text: str, seed: int
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The input adapter ``features-linear`` (seeded) and the head ``regression`` (a ridge fit
+    on verses tokenized with ``encode``), as the tensors of ``extras.safetensors``; and the
+    head's R²."""
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(seed + 1)
     emb_std = float(model.model.embed_tokens.weight.float().std())
@@ -141,7 +189,7 @@ def _write_extras(model: LlamaForCausalLM, text: str, out_dir: Path, seed: int) 
     verses = [v for v in text.splitlines() if v.strip()][:600]
     feats, target = [], []
     for v in verses:
-        ids = torch.tensor([tok.encode(v)[:256]])
+        ids = torch.tensor([list(encode(v))[:256]])
         h = model.model(input_ids=ids).last_hidden_state[0].float().mean(0)
         feats.append(h)
         target.append(math.log(len(v)))
@@ -153,35 +201,23 @@ def _write_extras(model: LlamaForCausalLM, text: str, out_dir: Path, seed: int) 
     b = ym - xm @ w
     pred = x @ w + b
     r2 = float(1 - ((pred - y) ** 2).sum() / (yc**2).sum())
-    save_file(
-        {
-            "adapters.features-linear.weight": adapter_w.contiguous(),
-            "adapters.features-linear.bias": torch.zeros(d),
-            "heads.regression.weight": w.reshape(1, d).contiguous(),
-            "heads.regression.bias": b.reshape(1).contiguous(),
-        },
-        str(out_dir / "extras.safetensors"),
-    )
-    card = {
-        "tokenizer": "bytes",
-        "adapters": {
-            "features-linear": {
-                "kind": "linear",
-                "in_features": ADAPTER_IN,
-                "description": "seeded linear projection of feature vectors into embedding space",
-            }
-        },
-        "heads": {
-            "regression": {
-                "kind": "linear",
-                "out_features": 1,
-                "description": "predicts log(characters) of a text from its mean-pooled final "
-                "hidden state (ridge fit on Genesis verses)",
-            }
-        },
+    tensors = {
+        "adapters.features-linear.weight": adapter_w.contiguous(),
+        "adapters.features-linear.bias": torch.zeros(d),
+        "heads.regression.weight": w.reshape(1, d).contiguous(),
+        "heads.regression.bias": b.reshape(1).contiguous(),
     }
+    return tensors, round(r2, 4)
+
+
+def _write_extras(model: LlamaForCausalLM, text: str, out_dir: Path, seed: int) -> float:
+    """The extras and the card of ``demo-tpm@1`` (byte-level ids); returns the head's R²."""
+    tok = ByteTokenizer()
+    tensors, r2 = fit_extras(model, tok.encode, text, seed)
+    save_file(tensors, str(out_dir / "extras.safetensors"))
+    card = {"tokenizer": "bytes", **EXTRAS_CARD}
     (out_dir / "tpm_model.json").write_text(json.dumps(card, indent=2) + "\n")
-    return round(r2, 4)
+    return r2
 
 
 @torch.inference_mode()

@@ -1,4 +1,10 @@
-"""``tpm-faas demo``: one request in each mode through the whole embedded path."""
+"""``tpm-faas demo``: one request in each mode through the whole embedded path.
+
+It serves ``demo-chat@1``, a checkpoint in the published Hugging Face layout (a byte-level BPE
+tokenizer with a Llama 3 chat template, imported with ``tpm-faas models add``;
+``scripts/train_chat_model.py``): a chat, a plain prompt, text and adapter embeddings through
+a registered head, a logit lens and steering.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,23 @@ from tpm_faas.client import Result
 from tpm_faas.gateway.ledger import to_su
 from tpm_faas.testing.embedded import DEV_USERS, EmbeddedSite
 
+MODEL = "demo-chat@1"
 PROMPT = "And God said, Let there be"
 STEER_FROM = "the land of Egypt, and Pharaoh king of Egypt"
+CHAT = [
+    {"role": "system", "content": "You are a scribe who knows the Book of Genesis by heart."},
+    {
+        "role": "user",
+        "content": "What comes after this verse? In the beginning God created the heaven and "
+        "the earth.",
+    },
+]
+VERSES = [
+    "And the evening and the morning were the third day.",
+    "And God said, Let there be light: and there was light.",
+    "And Adam knew Eve his wife; and she conceived, and bare Cain, and said, "
+    "I have gotten a man from the LORD.",
+]
 
 
 def run_demo(
@@ -32,28 +53,61 @@ def run_demo(
     if home is None:
         tmp = tempfile.TemporaryDirectory(prefix="tpm-faas-demo-")
         home = Path(tmp.name)
-    summary: dict[str, Any] = {"model": "demo-tpm@1", "tp_size": tp_size, "modes": {}}
+    summary: dict[str, Any] = {"model": MODEL, "tp_size": tp_size, "modes": {}}
     t0 = time.monotonic()
     try:
-        with EmbeddedSite(home, tp_size=tp_size).start(progress=progress) as site:
+        with EmbeddedSite(home, tp_size=tp_size, model=MODEL).start(progress=progress) as site:
             summary["startup_s"] = round(time.monotonic() - t0, 2)
             client = site.client("dev")
             import numpy as np
 
-            # -- query ----------------------------------------------------------------
+            # -- query: a chat, then a plain prompt ----------------------------------
+            chat = client.generate(messages=CHAT, max_new_tokens=48, logprobs=True)
+            done = chat.output["completions"][0]
+            lp = done["logprobs"][:8]
+            _record(
+                summary,
+                chat,
+                key="query_chat",
+                text=chat.text,
+                finish_reason=done["finish_reason"],
+                logprobs=[{"token": x["token"], "logprob": x["logprob"]} for x in lp],
+            )
+            emit(_heading("query: a chat (the checkpoint's own chat template), greedy"))
+            for m in CHAT:
+                emit(f"  {m['role']:<9}: {m['content']!r}")
+            emit(f"  assistant: {chat.text!r}")
+            emit(
+                f"  finish   : {done['finish_reason']} after {done['completion_tokens']} tokens "
+                f"(prompt: {done['prompt_tokens']} tokens)"
+            )
+            emit("  logprobs : " + "  ".join(f"{x['token']!r} {x['logprob']:.2f}" for x in lp))
+            emit(_usage_line(chat))
+
             q = client.generate(PROMPT, max_new_tokens=48, logprobs=True)
-            _record(summary, q)
+            lp = q.output["completions"][0]["logprobs"][:8]
+            _record(
+                summary, q, text=q.text, finish_reason=q.output["completions"][0]["finish_reason"]
+            )
             emit(_heading("query: prompt -> text (greedy)"))
             emit(f"  prompt : {PROMPT!r}")
             emit(f"  output : {q.text!r}")
-            lp = q.output["completions"][0]["logprobs"][:6]
             emit(
                 "  logprobs of the first tokens: "
-                + ", ".join(f"{e['token']}:{e['logprob']:.2f}" for e in lp)
+                + "  ".join(f"{x['token']!r} {x['logprob']:.2f}" for x in lp)
             )
             emit(_usage_line(q))
 
-            # -- embed ----------------------------------------------------------------
+            # -- embed: text through the head, then an input adapter -------------------
+            t = client.embed(prompts=VERSES, head="regression")
+            pred = t.tensor()[:, 0]
+            _record(summary, t, key="embed_text")
+            emit(_heading("embed: text -> frozen core -> mean pool -> head 'regression'"))
+            emit("  the head predicts log(characters) of a text:")
+            for v, y in zip(VERSES, pred.tolist(), strict=True):
+                emit(f"  {np.exp(y):6.1f} (true {len(v):3d})  {v[:60]!r}")
+            emit(_usage_line(t))
+
             rng = np.random.default_rng(0)
             feats = rng.standard_normal((3, 4, 16)).astype(np.float32)
             e = client.embed(adapter="features-linear", adapter_input=feats, head="regression")
@@ -63,7 +117,7 @@ def run_demo(
             emit(f"  input  : feature vectors {list(feats.shape)} (batch, tokens, features)")
             emit(
                 f"  output : head 'regression' {list(out.shape)} = "
-                f"{np.round(out[:, 0], 4).tolist()}"
+                f"{[round(float(v), 4) for v in out[:, 0]]}"
             )
             emit(_usage_line(e))
 
@@ -76,10 +130,27 @@ def run_demo(
                     {"op": "save", "site": "attn.hook_z", "layers": [0], "positions": [-1]},
                 ],
             )
-            _record(summary, i1)
-            emit(_heading("intervene: logit lens at the last prompt token (top 5 per layer)"))
-            for row in i1.logit_lens:
-                tops = "  ".join(f"{t['token']!s:>3} {t['prob']:.2f}" for t in row["top"])
+            lens = i1.logit_lens
+            _record(
+                summary,
+                i1,
+                logit_lens=[
+                    {
+                        "layer": r["layer"],
+                        "input_token": r["input_token"],
+                        "top": [x["token"] for x in r["top"]],
+                    }
+                    for r in lens
+                ],
+            )
+            emit(
+                _heading(
+                    f"intervene: logit lens at the last prompt token {lens[0]['input_token']!r} "
+                    "(top 5 per layer)"
+                )
+            )
+            for row in lens:
+                tops = "  ".join(f"{x['token']!r:>9} {x['prob']:.2f}" for x in row["top"])
                 emit(f"  layer {row['layer']}  {tops}")
             for site_name, arr in i1.saved.items():
                 emit(
@@ -102,7 +173,7 @@ def run_demo(
                 ],
                 max_new_tokens=48,
             )
-            _record(summary, i2, key="intervene_steer")
+            _record(summary, i2, key="intervene_steer", text=i2.text)
             emit(
                 _heading(
                     "intervene: steering (add 0.5 x another text's mean resid_post at "
@@ -150,13 +221,15 @@ def run_demo(
     return summary
 
 
-def _record(summary: dict[str, Any], r: Result, key: str | None = None) -> None:
+def _record(summary: dict[str, Any], r: Result, key: str | None = None, **shown: Any) -> None:
+    """A request's entry in the summary: its id, SU, usage and receipt, and what was shown."""
     summary["modes"][key or r.mode] = {
         "ok": True,
         "request_id": r.request_id,
         "su": r.usage.su,
         "usage": r.usage.model_dump(mode="json", exclude_none=True),
         "receipt": r.receipt.model_dump(mode="json", exclude_none=True),
+        **shown,
     }
 
 

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tpm_faas.catalog import CARD, checkpoint_sha256
+from tpm_faas.config import BUNDLED_MODELS
+from tpm_faas.tokenizer import HFTokenizer
+
 pytestmark = pytest.mark.integration
 
 
@@ -26,10 +30,29 @@ def test_demo_json(tp: int, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
-    assert summary["ok"] and summary["tp_size"] == tp
-    assert set(summary["modes"]) >= {"query", "embed", "intervene"}
-    for mode in summary["modes"].values():
+    assert summary["ok"] and summary["tp_size"] == tp and summary["model"] == "demo-chat@1"
+    modes = summary["modes"]
+    model_dir = BUNDLED_MODELS / "demo-chat" / "1"
+    sha = checkpoint_sha256(model_dir)  # the card's hash covers the registered extras too
+    assert json.loads((model_dir / CARD).read_text())["checkpoint_sha256"] == sha
+    assert set(modes) >= {"query_chat", "query", "embed_text", "embed", "intervene"}
+    for mode in modes.values():
         assert mode["ok"] and mode["su"] > 0
+        assert mode["usage"]["su"] == mode["su"]
+        assert mode["receipt"]["model"] == "demo-chat@1"
+        assert mode["receipt"]["checkpoint_sha256"] == sha
+    # The chat: an answer that ends at the end of its turn, log-probs of real tokens.
+    vocab = _vocabulary()
+    chat = modes["query_chat"]
+    assert chat["text"].strip() and chat["finish_reason"] == "stop"
+    assert chat["logprobs"] and all(e["token"] in vocab for e in chat["logprobs"])
+    assert modes["query"]["text"].strip()
+    # The logit lens names tokens of the checkpoint's own vocabulary (words, not bytes).
+    lens = modes["intervene"]["logit_lens"]
+    tokens = [t for row in lens for t in row["top"]]
+    assert len(lens) == 4 and all(len(row["top"]) == 5 for row in lens)
+    assert all(t in vocab for t in tokens)
+    assert any(len(t.strip()) > 2 for t in tokens)
     assert summary["ledger"]["open_holds"] == 0
     assert summary["ledger"]["charges"] == len(summary["modes"]) + 1  # + the steering source read
     assert not any(p.is_file() for p in (tmp_path / "home" / "registry").glob("*.json"))
@@ -39,3 +62,9 @@ def test_demo_json(tp: int, tmp_path: Path) -> None:
         ln for ln in ps.splitlines() if str(tmp_path) in ln and not ln.lstrip().startswith("Z")
     ]
     assert alive == []
+
+
+def _vocabulary() -> set[str]:
+    """Every token of ``demo-chat@1`` as the site prints it."""
+    tok = HFTokenizer(BUNDLED_MODELS / "demo-chat" / "1")
+    return {tok.token_str(i) for i in range(tok.vocab_size)}

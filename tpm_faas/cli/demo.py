@@ -12,18 +12,19 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary only.")
 @click.option("--home", type=click.Path(path_type=Path), help="Keep the demo's state here.")
 def demo(tp_size: int, as_json: bool, home: Path | None) -> None:
-    """Bring up a local endpoint and a shard group, run each mode once, print the SU ledger,
-    tear everything down (exit 1 if a mode failed)."""
+    """Bring up a local endpoint and a shard group serving the chat demo model, run each mode
+    (a chat and a prompt, text and adapter embeddings, a logit lens and steering), print the
+    SU ledger, tear everything down (exit 1 if a mode failed)."""
     import logging
 
-    from tpm_faas.demo import dumps, run_demo
+    from tpm_faas.demo import MODEL, dumps, run_demo
 
     logging.basicConfig(level=logging.WARNING)
     if as_json:
         summary = run_demo(tp_size=tp_size, home=home, emit=lambda _s: None)
         click.echo(dumps(summary))
     else:
-        click.echo(f"tpm-faas demo: demo-tpm@1 on {tp_size} rank(s)")
+        click.echo(f"tpm-faas demo: {MODEL} on {tp_size} rank(s)")
         summary = run_demo(
             tp_size=tp_size,
             home=home,

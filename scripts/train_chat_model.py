@@ -1,0 +1,263 @@
+"""Make the chat demo model, ``demo-chat@1``: a checkpoint as a hub publishes one, made here.
+
+The real serving path end to end, with nothing downloaded: a byte-level BPE tokenizer in the
+Llama 3 chat style (``tokenizer.json``, ``tokenizer_config.json`` with its chat template and
+special tokens, :func:`tpm_faas.testing.checkpoints.train_tokenizer`) trained on the bundled
+corpus, and a small Llama-architecture model (about 4M parameters) trained from scratch on
+the corpus tokenized with it, mixed with chat-formatted exercises rendered with the
+tokenizer's own chat template, so that a chat request gets an answer that ends with
+``<|eot_id|>``:
+
+* user ``Continue: <first part of a verse>`` -> assistant ``<the rest of it>``;
+* user ``What comes after this verse? <a verse>`` -> assistant ``<the next verse>``;
+
+half of them after a system turn. The checkpoint is written in the published layout
+(safetensors in bf16, ``generation_config.json``) and imported with
+:func:`tpm_faas.catalog.import_checkpoint` (what ``tpm-faas models add --copy`` does); then
+the input adapter ``features-linear`` and the output head ``regression`` of ``demo-tpm@1``
+(:func:`train_demo_model.fit_extras`) are fitted for it and registered in its card.
+
+Rebuild (replaces ``tpm_faas/data/models/demo-chat/1``; deterministic for a given seed, torch
+version and thread count)::
+
+    python scripts/train_chat_model.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from train_demo_model import CORPUS, DATA, EXTRAS_CARD, fit, fit_extras
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tpm_faas.catalog import CARD, checkpoint_sha256, import_checkpoint, split_ref
+from tpm_faas.testing.checkpoints import STYLES, train_tokenizer, write_checkpoint
+from tpm_faas.tokenizer import HFTokenizer
+
+MODEL = "demo-chat@1"
+ROOT = DATA / "models"
+STYLE = "llama3"
+VOCAB = 2048
+STYLE_BOS = STYLES[STYLE].bos or ""
+CHECK_VERSE = "In the beginning God created the heaven and the earth."
+#: Ignored by the loss (padding of packed chat rows).
+IGNORE = -100
+
+SYSTEMS = (
+    "You are a scribe who knows the Book of Genesis by heart.",
+    "Answer with the words of the King James Bible.",
+    "You are a helpful assistant.",
+)
+CONTINUE = ("Continue: {}", "Continue the verse: {}", "Finish this verse: {}")
+NEXT = ("What comes after this verse? {}", "Say the verse that follows: {}")
+
+
+def chat_config(ids: dict[str, int]) -> LlamaConfig:
+    """The shape of ``demo-chat@1``: ``demo-tpm@1``'s blocks on a 2,048-id BPE vocabulary."""
+    chat = STYLES[STYLE]
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=ids[STYLE_BOS],
+        eos_token_id=[ids[s] for s in chat.stop],
+        pad_token_id=ids[chat.eos],
+    )
+
+
+def exercise(verses: list[str], rng: random.Random) -> list[dict[str, str]]:
+    """One chat: a verse to continue, or the verse that follows another; half of them after a
+    system turn."""
+    i = rng.randrange(len(verses) - 1)
+    if rng.random() < 0.7:
+        words = verses[i].split(" ")
+        cut = max(1, min(len(words) - 1, round(len(words) * rng.uniform(0.25, 0.7))))
+        ask = rng.choice(CONTINUE).format(" ".join(words[:cut]))
+        answer = " ".join(words[cut:])
+    else:
+        ask = rng.choice(NEXT).format(verses[i])
+        answer = verses[i + 1]
+    chat = [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]
+    if rng.random() < 0.5:
+        chat.insert(0, {"role": "system", "content": rng.choice(SYSTEMS)})
+    return chat
+
+
+def train(
+    out_root: Path,
+    *,
+    steps: int,
+    seed: int = 0,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    chat_rows: int = 4,
+    lr: float = 3e-3,
+    log_every: int = 50,
+) -> dict[str, Any]:
+    """Train the tokenizer and the model, import the checkpoint as ``demo-chat@1`` under
+    ``out_root`` (replacing an older one), register its adapter and head."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(2)
+    rng = random.Random(seed)
+    work = Path(tempfile.mkdtemp(prefix="demo-chat-"))
+    try:
+        ids = train_tokenizer(work, STYLE, vocab_size=VOCAB)
+        # The tokenizer as the gateway reads it (EOS ids from generation_config.json).
+        (work / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": [ids[s] for s in STYLES[STYLE].stop]})
+        )
+        tok = HFTokenizer(work)
+        text = CORPUS.read_text()
+        verses = [v for v in text.splitlines() if v.strip()]
+        data = torch.tensor(tok.encode(text, add_special=False), dtype=torch.long)
+        pad = ids[STYLES[STYLE].eos]
+        model = LlamaForCausalLM(chat_config(ids))
+        n_params = sum(p.numel() for p in model.parameters())
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+        gen = torch.Generator().manual_seed(seed)
+        bos = torch.full((batch_size - chat_rows, 1), ids[STYLE_BOS], dtype=torch.long)
+
+        def chat_row() -> tuple[list[int], list[int]]:
+            """Whole chats packed into one row, the rest padding (not scored)."""
+            row: list[int] = []
+            while True:
+                chat = tok.encode_chat(exercise(verses, rng), add_generation_prompt=False)
+                if len(row) + len(chat) > seq_len + 1:
+                    break
+                row += chat
+            n = len(row)
+            return row + [pad] * (seq_len + 1 - n), row + [IGNORE] * (seq_len + 1 - n)
+
+        def batch(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            starts = torch.randint(0, len(data) - seq_len, (batch_size - chat_rows,), generator=gen)
+            chunk = torch.stack([data[s : s + seq_len] for s in starts.tolist()])
+            plain = torch.cat([bos, chunk], dim=1)
+            rows = [chat_row() for _ in range(chat_rows)]
+            chats = torch.tensor([r[0] for r in rows], dtype=torch.long)
+            labels = torch.tensor([r[1] for r in rows], dtype=torch.long)
+            return torch.cat([plain, chats]), torch.cat([plain, labels])
+
+        t0 = time.monotonic()
+        loss_ema = fit(model, opt, batch, steps=steps, lr=lr, log_every=log_every)
+        train_s = time.monotonic() - t0
+        ckpt = work / "checkpoint"
+        ckpt.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(work / name, ckpt / name)
+        # transformers types PreTrainedModel.to oddly; the call is nn.Module.to.
+        model.to(torch.bfloat16)  # type: ignore[arg-type]
+        write_checkpoint(model, ckpt, STYLE)
+        model.to(torch.float32)  # type: ignore[arg-type]  # the weights as served, in fp32
+        name, ver = split_ref(MODEL)
+        dest = out_root / name / ver
+        if dest.exists():
+            shutil.rmtree(dest)
+        card = import_checkpoint(ckpt, MODEL, out_root, copy=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    tensors, head_fit = fit_extras(model, tok.encode, text, seed)
+    save_file(tensors, str(dest / "extras.safetensors"))
+    card.update(EXTRAS_CARD)
+    card["checkpoint_sha256"] = checkpoint_sha256(dest)
+    (dest / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    info = {
+        "model": MODEL,
+        "corpus": CORPUS.name,
+        "corpus_sha256": hashlib.sha256(CORPUS.read_bytes()).hexdigest(),
+        "tokenizer": f"byte-level BPE, {VOCAB} ids, {STYLE} chat style",
+        "corpus_tokens": len(data),
+        "steps": steps,
+        "seed": seed,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "chat_rows": chat_rows,
+        "lr": lr,
+        "final_loss": round(loss_ema, 4),
+        "train_s": round(train_s, 1),
+        "wall_s": round(time.monotonic() - t0, 1),
+        "parameters": n_params,
+        "regression_head_r2": head_fit,
+        "versions": {d: version(d) for d in ("torch", "transformers", "safetensors", "tokenizers")},
+    }
+    (dest / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+@torch.inference_mode()
+def sample(
+    model_dir: Path,
+    *,
+    prompt: str | None = None,
+    messages: list[dict[str, str]] | None = None,
+    max_new_tokens: int = 60,
+) -> str:
+    """Greedy continuation of a prompt or answer to a chat with plain transformers (for
+    checking a checkpoint by eye); the end-of-turn token is shown."""
+    tok = HFTokenizer(model_dir)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tok.encode_chat(messages) if messages is not None else tok.encode(prompt or "")
+    x = torch.tensor([ids])
+    out = model.generate(
+        x,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=list(tok.eos_ids),
+        pad_token_id=model.config.pad_token_id,
+    )
+    new = out[0, x.shape[1] :].tolist()
+    return "".join(tok.token_str(i) for i in new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", type=Path, default=ROOT, help="model root to import into")
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--chat-rows", type=int, default=4, help="rows of each batch that are chats")
+    p.add_argument("--lr", type=float, default=3e-3)
+    a = p.parse_args(argv)
+    info = train(
+        a.root,
+        steps=a.steps,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        chat_rows=a.chat_rows,
+        lr=a.lr,
+    )
+    print(json.dumps(info, indent=2))
+    name, ver = split_ref(MODEL)
+    out = a.root / name / ver
+    for prompt in ("In the beginning God created", "And the LORD said unto", "And Abraham"):
+        print(f"{prompt!r} -> {sample(out, prompt=prompt)!r}")
+    for chat in (
+        [{"role": "user", "content": "Continue: And God called the light Day,"}],
+        [
+            {"role": "system", "content": SYSTEMS[0]},
+            {"role": "user", "content": "Continue: And the LORD God planted a garden"},
+        ],
+        [{"role": "user", "content": "What comes after this verse? " + CHECK_VERSE}],
+    ):
+        print(f"{chat[-1]['content']!r} -> {sample(out, messages=chat)!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
