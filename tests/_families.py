@@ -219,6 +219,79 @@ def gpt2(
     return GPT2Config(**kw)
 
 
+def mixtral(
+    *,
+    vocab_size: int = BYTE_VOCAB,
+    bos_token_id: TokenId = BYTE_BOS,
+    eos_token_id: EosIds = BYTE_EOS,
+    pad_token_id: TokenId = BYTE_PAD,
+    **overrides: Any,
+) -> Any:
+    """Mixtral shape: 5 experts, 2 per token (``num_local_experts``, ``num_experts_per_tok``;
+    override them for other counts), 6 query heads over 2, ``head_dim`` 16 on a width of 48,
+    no sliding window (as Mixtral 8x7B), untied embeddings."""
+    from transformers import MixtralConfig
+
+    kw: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 48,
+        "intermediate_size": 40,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "num_local_experts": 5,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": POSITIONS,
+        "sliding_window": None,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        **_specials(bos_token_id, eos_token_id, pad_token_id),
+        **overrides,
+    }
+    return MixtralConfig(**kw)
+
+
+def qwen3_moe(
+    *,
+    vocab_size: int = BYTE_VOCAB,
+    bos_token_id: TokenId = BYTE_BOS,
+    eos_token_id: EosIds = BYTE_EOS,
+    pad_token_id: TokenId = BYTE_PAD,
+    **overrides: Any,
+) -> Any:
+    """Qwen3-MoE shape: 3 layers, the first a dense MLP (``mlp_only_layers``), the others 6
+    experts of width 24 with 3 per token, top-k weights not renormalised (``norm_topk_prob``
+    false, as Qwen3-30B-A3B's config default), per-head q/k RMSNorm, 6 query heads over 2,
+    ``head_dim`` 16 on a width of 48, untied embeddings."""
+    from transformers import Qwen3MoeConfig
+
+    kw: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 48,
+        "intermediate_size": 72,
+        "moe_intermediate_size": 24,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "num_experts": 6,
+        "num_experts_per_tok": 3,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [0],
+        "max_position_embeddings": POSITIONS,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        **_specials(bos_token_id, eos_token_id, pad_token_id),
+        **overrides,
+    }
+    return Qwen3MoeConfig(**kw)
+
+
 #: Family name -> its config builder (keyword-only: ``vocab_size``, ``bos_token_id``,
 #: ``eos_token_id``, ``pad_token_id``, then any config field to override).
 FAMILIES: dict[str, Callable[..., Any]] = {
@@ -228,6 +301,8 @@ FAMILIES: dict[str, Callable[..., Any]] = {
     "qwen2": qwen2,
     "qwen3": qwen3,
     "gpt2": gpt2,
+    "mixtral": mixtral,
+    "qwen3_moe": qwen3_moe,
 }
 
 

@@ -41,6 +41,10 @@ SUPPORTED: dict[str, Architecture] = {
         Architecture("qwen3", "Qwen3"),
         # AutoTP refuses GPT-2's fused Conv1D attention.
         Architecture("gpt2", "GPT-2", tensor_parallel=False, gpt2_keys=True),
+        # Mixtures of experts: served at tp=1 until expert parallelism (AutoTP does not shard
+        # the fused 3-D expert parameters of transformers 5).
+        Architecture("mixtral", "Mixtral", tensor_parallel=False),
+        Architecture("qwen3_moe", "Qwen3-MoE", tensor_parallel=False),
     )
 }
 
@@ -101,7 +105,8 @@ def dims(config: dict[str, Any]) -> Dims:
     """The sizes of a supported checkpoint's decoder from its ``config.json``.
 
     The serving context is ``max_position_embeddings``, cut to the sliding window where the
-    checkpoint attends through one (Mistral v0.1; Qwen2 with ``use_sliding_window``): past it
+    checkpoint attends through one (Mistral v0.1, Mixtral with ``sliding_window``; Qwen2 with
+    ``use_sliding_window``): past it
     the decoder's full attention would differ from the model's windowed one.
     """
     arch = architecture_of(config)
@@ -128,7 +133,9 @@ def dims(config: dict[str, Any]) -> Dims:
         d, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         context = int(config["max_position_embeddings"])
         window = config.get("sliding_window")
-        windowed = arch.model_type == "mistral" or bool(config.get("use_sliding_window"))
+        windowed = arch.model_type in ("mistral", "mixtral") or bool(
+            config.get("use_sliding_window")
+        )
         if windowed and window:
             context = min(context, int(window))
         return Dims(

@@ -16,13 +16,20 @@ DeepSpeed AutoTP-sharded (column-parallel projections hold this rank's heads, ro
 ones all-reduce), so the canonical hook sites mean the same thing on every backend. One class
 per difference of shape, for the architectures of :data:`tpm_faas.architectures.SUPPORTED`:
 
-* :class:`Arch`: Llama-shaped blocks (``llama``, ``mistral``, ``qwen2``): RMSNorm, rotary
-  positions from the model's own ``rotary_emb`` (any static RoPE type: default, ``llama3``,
+* :class:`Arch`: Llama-shaped blocks (``llama``, ``mistral``, ``qwen2``, ``mixtral``): RMSNorm,
+  rotary positions from the model's own ``rotary_emb`` (any static RoPE type: default, ``llama3``,
   ``linear``, ``yarn``), grouped-query attention, whatever biases the projections carry (Qwen2's
   on q/k/v), ``head_dim`` from the config;
 * :class:`Qwen3Arch`: adds Qwen3's per-head RMSNorm of queries and keys (``q_norm``,
-  ``k_norm``) between the projection and the rotary embedding;
+  ``k_norm``) between the projection and the rotary embedding (``qwen3``), and
+  :class:`Qwen3MoeArch` the same for ``qwen3_moe``;
 * :class:`GPT2Arch`: learned positions, fused ``c_attn``, ``Conv1D`` projections, LayerNorm.
+
+A mixture of experts (Mixtral, Qwen3-MoE) differs from its dense family only in the block's
+``mlp``: ``transformers`` makes it the sparse MoE block (router, top-k, the experts' fused 3-D
+weights), or a dense MLP in Qwen3-MoE's ``mlp_only_layers`` and off its
+``decoder_sparse_step``. :meth:`Arch.mlp` calls that module as it is, so ``hook_mlp_out`` is the
+MoE block's output (the weighted sum of the chosen experts).
 """
 
 from __future__ import annotations
@@ -166,6 +173,14 @@ class Qwen3Arch(Arch):
         return q_out, k_out
 
 
+class Qwen3MoeArch(Arch):
+    """Qwen3-MoE: Qwen3's attention (per-head q/k RMSNorm); its MoE or dense ``mlp`` per layer
+    is the model's own module."""
+
+    name = "qwen3_moe"
+    qk_norm = Qwen3Arch.qk_norm
+
+
 class GPT2Arch(Arch):
     """GPT-2: learned positions, fused ``c_attn``, ``Conv1D`` projections, LayerNorm."""
 
@@ -231,6 +246,8 @@ ARCHES: dict[str, type[Arch]] = {
     "qwen2": Arch,
     "qwen3": Qwen3Arch,
     "gpt2": GPT2Arch,
+    "mixtral": Arch,
+    "qwen3_moe": Qwen3MoeArch,
 }
 
 

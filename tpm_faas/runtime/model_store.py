@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,24 +121,121 @@ def read_tensor(entry: TensorEntry, dim: int | None = None, start: int = 0, leng
     return torch.frombuffer(out, dtype=dtype).reshape(new_shape)
 
 
+@dataclass(frozen=True)
+class FusedExperts:
+    """A fused expert parameter of ``transformers`` 5 (``experts.gate_up_proj``
+    ``[experts, 2 * inner, hidden]``, ``experts.down_proj`` ``[experts, hidden, inner]``) in a
+    checkpoint that stores one 2-D tensor per expert, as Mixtral and Qwen3-MoE are published
+    (``experts.3.w1.weight``, ``experts.3.gate_proj.weight``): expert ``e``'s rows are its
+    ``parts[e]`` one after the other (gate then up)."""
+
+    parts: tuple[tuple[TensorEntry, ...], ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        first = self.parts[0]
+        return (len(self.parts), sum(p.shape[0] for p in first), first[0].shape[1])
+
+
+#: The per-expert tensors of each fused parameter, by checkpoint naming: Mixtral's
+#: ``w1``/``w3``/``w2``, and the ``gate_proj``/``up_proj``/``down_proj`` of Qwen-MoE and DeepSeek.
+_EXPERT_PARTS = {
+    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+    "down_proj": (("down_proj",), ("w2",)),
+}
+_FUSED = re.compile(r"(.+)\.experts\.(gate_up_proj|down_proj)")
+#: Module names a published checkpoint spells differently: (``transformers`` 5, published).
+_ALIASES = ((".mlp.", ".block_sparse_moe."),)  # Mixtral
+
+
+def published_entries(
+    params: dict[str, Any], entries: dict[str, TensorEntry]
+) -> dict[str, TensorEntry | FusedExperts]:
+    """Checkpoint sources of the parameters ``entries`` lacks by name: a module the checkpoint
+    names otherwise (:data:`_ALIASES`), and a fused expert parameter from its per-expert
+    tensors (:class:`FusedExperts`; as many experts as the checkpoint holds)."""
+    out: dict[str, TensorEntry | FusedExperts] = {}
+    for name in params:
+        if name in entries:
+            continue
+        spellings = [name, *(name.replace(a, b) for a, b in _ALIASES if a in name)]
+        alias = next((n for n in spellings[1:] if n in entries), None)
+        if alias is not None:
+            out[name] = entries[alias]
+            continue
+        match = _FUSED.fullmatch(name)
+        if match is None:
+            continue
+        for prefix in (s.rsplit(".experts.", 1)[0] for s in spellings):
+            for names in _EXPERT_PARTS[match.group(2)]:
+                parts: list[tuple[TensorEntry, ...]] = []
+                while all(f"{prefix}.experts.{len(parts)}.{n}.weight" in entries for n in names):
+                    parts.append(
+                        tuple(entries[f"{prefix}.experts.{len(parts)}.{n}.weight"] for n in names)
+                    )
+                if parts:
+                    out[name] = FusedExperts(tuple(parts))
+                    break
+            if name in out:
+                break
+    return out
+
+
+def read_source(
+    source: TensorEntry | FusedExperts, dim: int | None = None, start: int = 0, length: int = 0
+) -> Any:
+    """:func:`read_tensor` of a tensor or of a fused expert parameter (reading only the experts,
+    rows or columns of the slice)."""
+    import torch
+
+    if isinstance(source, TensorEntry):
+        return read_tensor(source, dim, start, length)
+    experts, rows = range(len(source.parts)), (0, source.shape[1])
+    if dim == 0:
+        experts = range(start, start + length)
+    elif dim == 1:
+        rows = (start, start + length)
+    out = []
+    for e in experts:
+        pieces, offset = [], 0
+        for part in source.parts[e]:
+            lo, hi = max(rows[0], offset), min(rows[1], offset + part.shape[0])
+            offset += part.shape[0]
+            if lo >= hi:
+                continue
+            if dim == 2:
+                pieces.append(read_tensor(part, 1, start, length))
+            elif hi - lo < part.shape[0]:
+                pieces.append(read_tensor(part, 0, lo - (offset - part.shape[0]), hi - lo))
+            else:
+                pieces.append(read_tensor(part))
+        out.append(torch.cat(pieces))
+    return torch.stack(out)
+
+
 def load_shard(module: Any, model_dir: Path, *, rank: int, tp_size: int) -> int:
     """Fill ``module``'s parameters with this rank's share of the checkpoint; returns bytes read.
 
     ``module`` was built on the meta device and sharded by AutoTP, so each parameter already
-    has its local shape. The local shapes of every rank are gathered: a parameter whose shape
-    differs from the checkpoint's along one dimension on any rank is a shard along it, and
-    this rank's piece starts at the sum of the lower ranks' sizes, so whatever split AutoTP
-    chose is read exactly (uneven ones included: AutoTP splits in grains of 64, so a rank may
-    hold the whole of a small tensor and another none of it). Only those rows or columns are
-    read from the safetensors files, onto :func:`rank_device`: no rank ever holds the whole
-    model.
+    has its local shape. Parameters are found by name; a mixture of experts' fused expert
+    parameters are also read from the per-expert tensors of a published checkpoint
+    (:class:`FusedExperts`), as ``transformers`` converts them at load.
+
+    The local shapes of every rank are gathered: a parameter whose shape differs from the
+    checkpoint's along one dimension on any rank is a shard along it, and this rank's piece
+    starts at the sum of the lower ranks' sizes, so whatever split AutoTP chose is read exactly
+    (uneven ones included: AutoTP splits in grains of 64, so a rank may hold the whole of a
+    small tensor and another none of it). Only those rows or columns are read from the
+    safetensors files, onto :func:`rank_device`: no rank ever holds the whole model.
     """
     import torch
 
     device = rank_device()
-    entries = weight_files(model_dir)
+    files = weight_files(model_dir)
     params = dict(module.named_parameters())
-    entries.update(_tied_entries(module, params, entries))
+    entries: dict[str, TensorEntry | FusedExperts] = {**files}
+    entries.update(_tied_entries(module, params, files))
+    entries.update(published_entries(params, files))
     missing = sorted(set(params) - set(entries))
     if missing:
         raise ConfigError(f"checkpoint {model_dir} lacks tensors: {', '.join(missing[:5])}")
@@ -169,9 +267,9 @@ def load_shard(module: Any, model_dir: Path, *, rank: int, tp_size: int) -> int:
         for name, p in params.items():
             if name in split:
                 d, start = split[name]
-                t = read_tensor(entries[name], d, start, p.shape[d])
+                t = read_source(entries[name], d, start, p.shape[d])
             else:
-                t = read_tensor(entries[name])
+                t = read_source(entries[name])
             p.data = t.to(device=device, dtype=p.dtype)
             nbytes += t.numel() * t.element_size()
     return nbytes

@@ -1,0 +1,253 @@
+"""The mixtures of experts (Mixtral, Qwen3-MoE) through the serving runtime equal
+``transformers``, and load from checkpoints in the layout they are published in.
+
+The models are tiny random-weight ones (:mod:`_families`) in several routing shapes: expert
+counts and top-k values (top-1, top-k of every expert), Qwen3-MoE's dense layers
+(``mlp_only_layers``, ``decoder_sparse_step``) and both ``norm_topk_prob``. The runtime is the
+one rank 0 runs (:class:`Scheduler` over :class:`Decoder`); the reference is the same model's
+``generate()`` and its modules' outputs under hooks. Published Mixtral and Qwen3-MoE
+checkpoints hold one tensor per expert (``experts.3.w1.weight``,
+``experts.3.gate_proj.weight``) where ``transformers`` 5 holds fused 3-D parameters: they are
+imported with ``models add`` and loaded through :meth:`ModelRunner.load`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from _families import random_model, save_checkpoint
+from _reference import normalise, reference_values, run
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_families_exact import ATOL, NEW, PROMPT, PROMPTS, RTOL, TOK, _generate, _query, _served
+
+from tpm_faas.catalog import import_checkpoint
+from tpm_faas.cli import main
+from tpm_faas.client import decode_array
+from tpm_faas.errors import ConfigError
+from tpm_faas.runtime.decoder import Decoder
+from tpm_faas.runtime.model_store import (
+    FusedExperts,
+    published_entries,
+    read_source,
+    weight_files,
+)
+from tpm_faas.runtime.runner import ModelRunner
+from tpm_faas.sites import ModelShape, all_sites
+
+#: (family, config overrides): routing shapes the defaults of :mod:`_families` do not cover.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mixtral-5x2": ("mixtral", {}),
+    "mixtral-3x3": ("mixtral", {"num_local_experts": 3, "num_experts_per_tok": 3}),
+    "mixtral-8x1": (
+        "mixtral",
+        {"num_local_experts": 8, "num_experts_per_tok": 1, "num_hidden_layers": 3},
+    ),
+    "qwen3_moe-6x3-dense0": ("qwen3_moe", {}),
+    "qwen3_moe-4x2-norm-step2": (
+        "qwen3_moe",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 2,
+            "mlp_only_layers": [],
+        },
+    ),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def model(request: pytest.FixtureRequest) -> Any:
+    family, overrides = VARIANTS[request.param]
+    return random_model(family, **overrides)
+
+
+def _sparse_layers(model: Any) -> list[int]:
+    return [i for i, b in enumerate(model.model.layers) if hasattr(b.mlp, "experts")]
+
+
+def test_the_routing_shapes_are_the_awkward_ones(model: Any) -> None:
+    cfg = model.config
+    sparse = _sparse_layers(model)
+    if cfg.model_type == "mixtral":
+        assert sparse == list(range(cfg.num_hidden_layers))
+        experts = model.model.layers[0].mlp.experts.gate_up_proj
+        assert experts.shape[0] == cfg.num_local_experts
+    else:
+        step, dense = cfg.decoder_sparse_step, cfg.mlp_only_layers
+        want = [i for i in range(cfg.num_hidden_layers) if i not in dense and (i + 1) % step == 0]
+        assert sparse == want and 0 < len(sparse) < cfg.num_hidden_layers
+    assert cfg.num_attention_heads > cfg.num_key_value_heads > 1
+
+
+def test_greedy_tokens_and_logprobs_equal_generate(model: Any) -> None:
+    dec = Decoder(model, slots=4, max_len=96)
+    got = _served(dec, [_query([p]) for p in PROMPTS])
+    for ids, c in zip(PROMPTS, got, strict=True):
+        tokens, logps = _generate(model, ids, NEW)
+        assert c["token_ids"] == tokens, ids
+        mine = [e["logprob"] for e in c["logprobs"]]
+        np.testing.assert_allclose(mine, logps, atol=1e-4, rtol=RTOL)
+
+
+def test_batched_sequences_equal_one_at_a_time(model: Any) -> None:
+    """Sequences at different positions share decode steps (4 prompts, 3 slots): the
+    experts each token chooses, and so its output, do not depend on its neighbours."""
+    dec = Decoder(model, slots=3, max_len=96)
+    prompts = [*PROMPTS, PROMPTS[1][:9]]
+    together = _served(dec, [_query([p], new=NEW + i) for i, p in enumerate(prompts)])
+    alone = [_served(dec, [_query([p], new=NEW + i)])[0] for i, p in enumerate(prompts)]
+    for a, b in zip(together, alone, strict=True):
+        assert a["token_ids"] == b["token_ids"]
+        np.testing.assert_allclose(
+            [e["logprob"] for e in a["logprobs"]], [e["logprob"] for e in b["logprobs"]], atol=1e-5
+        )
+
+
+def test_every_site_equals_the_transformers_modules(model: Any) -> None:
+    """``hook_mlp_out`` is the MoE block's output (a dense layer's MLP output in Qwen3-MoE's
+    dense layers); every other site is where it is in the dense families."""
+    shape = ModelShape.from_config(model.config.to_dict())
+    sites = [s.name for s in all_sites(shape)]
+    body = normalise(model, {"prompt": PROMPT, "ops": [{"op": "save", "site": s} for s in sites]})
+    reply = run(Decoder(model, slots=4, max_len=96), [("intervene", body)])["0"]
+    assert reply["ok"], reply
+    saved = reply["result"]["results"][0]["saved"]
+    ref = reference_values(model, TOK.encode(PROMPT), sites)
+    assert set(saved) == set(sites)
+    for name in sites:
+        got = decode_array(saved[name]["tensor"])
+        assert got.shape == tuple(ref[name].shape), name
+        np.testing.assert_allclose(got, ref[name].numpy(), atol=ATOL, rtol=RTOL, err_msg=name)
+
+
+# -- published checkpoints -----------------------------------------------------------------
+#: One expert's tensors in each family's published checkpoints.
+PUBLISHED = {
+    "mixtral": "model.layers.0.block_sparse_moe.experts.{e}.w{n}.weight",
+    "qwen3_moe": "model.layers.1.mlp.experts.{e}.{n}_proj.weight",
+}
+PARTS = {"mixtral": ("1", "2", "3"), "qwen3_moe": ("gate", "up", "down")}
+
+
+def _names(path: Path) -> set[str]:
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys())
+
+
+@pytest.mark.parametrize("family", list(PUBLISHED))
+def test_published_checkpoint_imports_loads_and_serves(family: str, tmp_path: Path) -> None:
+    """``save_pretrained`` writes the published per-expert layout (checked); ``models add``
+    imports it, :meth:`ModelRunner.load` fills the fused parameters from it (reading every
+    tensor once) and the served tokens equal ``generate()``."""
+    model = random_model(family)
+    src = save_checkpoint(model, tmp_path / "hub" / family)
+    names = _names(src / "model.safetensors")
+    experts = model.model.layers[_sparse_layers(model)[0]].mlp.experts.gate_up_proj.shape[0]
+    for e in range(experts):
+        assert {PUBLISHED[family].format(e=e, n=n) for n in PARTS[family]} <= names
+    assert not any(n.endswith(("gate_up_proj", "experts.down_proj")) for n in names)
+
+    root = tmp_path / "root"
+    out = CliRunner().invoke(
+        main,
+        ["models", "add", str(src), f"{family}@1", "--root", str(root), "--tokenizer", "bytes"],
+    )
+    assert out.exit_code == 0, out.output
+    card = json.loads((root / family / "1" / "tpm_model.json").read_text())
+    assert card["architecture"] == family and card["tensor_parallel"] is False
+    assert card["parameters"] == sum(p.numel() for p in model.parameters())
+
+    runner = ModelRunner.load(f"{family}@1", root / family / "1", dtype="float32", tp_size=1)
+    loaded = dict(runner.model.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(loaded[name], p), name
+    assert runner.weight_bytes == (src / "model.safetensors").stat().st_size - _header(src)
+    dec = runner.attach_decoder(slots=2, max_len=96)
+    [c] = _served(dec, [_query([PROMPTS[1]])])
+    assert c["token_ids"] == _generate(model, PROMPTS[1], NEW)[0]
+
+
+def _header(src: Path) -> int:
+    with (src / "model.safetensors").open("rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+@pytest.mark.parametrize("family", list(PUBLISHED))
+def test_fused_checkpoint_loads_too(family: str, tmp_path: Path) -> None:
+    """A checkpoint in ``transformers`` 5's own fused layout (parameter names as they are)
+    loads as it is."""
+    model = random_model(family, seed=3)
+    src = tmp_path / "fused"
+    model.config.save_pretrained(src)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, src / "model.safetensors")
+    assert any(n.endswith("experts.gate_up_proj") for n in _names(src / "model.safetensors"))
+    import_checkpoint(src, "fused@1", tmp_path / "root", tokenizer="bytes")
+    runner = ModelRunner.load(
+        "fused@1", tmp_path / "root" / "fused" / "1", dtype="float32", tp_size=1
+    )
+    loaded = dict(runner.model.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(loaded[name], p), name
+
+
+def test_fused_experts_read_only_the_slice_asked(tmp_path: Path) -> None:
+    """A shard of a fused parameter (along the experts, the gate/up rows across their
+    boundary, or the columns) equals that slice of the stacked tensors."""
+    model = random_model("mixtral", num_local_experts=3)
+    src = save_checkpoint(model, tmp_path / "m")
+    files = weight_files(src)
+    params = dict(model.named_parameters())
+    sources = published_entries(params, files)
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    fused = sources[name]
+    assert isinstance(fused, FusedExperts)
+    assert (
+        sources["model.layers.1.mlp.gate.weight"]
+        is files["model.layers.1.block_sparse_moe.gate.weight"]
+    )
+    want = params[name].detach()
+    assert fused.shape == tuple(want.shape)
+    inner = model.config.intermediate_size
+    assert torch.equal(read_source(fused), want)
+    assert torch.equal(read_source(fused, 0, 1, 2), want[1:3])
+    assert torch.equal(read_source(fused, 1, inner - 5, 9), want[:, inner - 5 : inner + 4])
+    assert torch.equal(read_source(fused, 1, inner, inner), want[:, inner:])
+    assert torch.equal(read_source(fused, 2, 7, 11), want[:, :, 7:18])
+    down = sources["model.layers.0.mlp.experts.down_proj"]
+    assert torch.equal(read_source(down), params["model.layers.0.mlp.experts.down_proj"])
+
+
+def test_a_checkpoint_missing_an_expert_is_refused(tmp_path: Path) -> None:
+    """Per-expert tensors of fewer experts than the model has: refused by shape, not
+    padded."""
+    model = random_model("qwen3_moe")
+    src = tmp_path / "short"
+    model.config.save_pretrained(src)
+    save_checkpoint(model, tmp_path / "full")
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    save_file({k: v for k, v in full.items() if ".experts.5." not in k}, src / "model.safetensors")
+    import_checkpoint(src, "short@1", tmp_path / "root", tokenizer="bytes")
+    with pytest.raises(
+        ConfigError,
+        match=r"experts.gate_up_proj: shards of \[6\] along dimension 0 do not make up 5",
+    ):
+        ModelRunner.load("short@1", tmp_path / "root" / "short" / "1", dtype="float32", tp_size=1)
