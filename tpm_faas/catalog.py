@@ -201,7 +201,7 @@ def describe(model_dir: Path, *, tokenizer: str = "auto") -> dict[str, Any]:
         "context_length": d.context_length,
         "layers": d.num_layers,
         "hidden_size": d.hidden_size,
-        "heads": d.num_heads,
+        "attention_heads": d.num_heads,
         "kv_heads": d.num_kv_heads,
         "head_dim": d.head_dim,
         "vocab_size": d.vocab_size,
@@ -289,6 +289,7 @@ def import_checkpoint(
             "heads": {},
         }
         (tmp / CARD).write_text(json.dumps(card_, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the version from the service accounts
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

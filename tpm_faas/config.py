@@ -98,7 +98,11 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Build settings from ``env`` (default ``os.environ``) and keyword overrides."""
         e = os.environ if env is None else env
-        home = Path(e.get("TPM_FAAS_HOME") or Path.home() / ".tpm_faas").expanduser()
+        # A home given as an override is the one the other defaults derive from.
+        given = overrides.get("home")
+        home = Path(
+            str(given) if given is not None else e.get("TPM_FAAS_HOME") or Path.home() / ".tpm_faas"
+        ).expanduser()
         roots = e.get("TPM_FAAS_MODELS")
         values: dict[str, object] = {
             "home": home,

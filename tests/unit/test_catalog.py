@@ -52,6 +52,8 @@ def test_import_records_the_card(
         else 0
     )
     assert got["dtype"] == "float32" and got["tokenizer"] == "hf"
+    assert got["attention_heads"] == model.config.num_attention_heads and got["heads"] == {}
+    assert d.stat().st_mode & 0o777 == 0o755  # readable by the site's service accounts
     assert got["chat_template"] is (family != "gpt2")
     generation = json.loads((src / "generation_config.json").read_text())
     assert got["eos_token_ids"] == generation["eos_token_id"]

@@ -90,3 +90,12 @@ def test_a_bare_policy_name_means_the_bundled_one(
     (tmp_path / "byo.yaml").write_text("version: 1\n")  # a file here wins
     assert resolve_policy("byo.yaml") == Path("byo.yaml")
     assert resolve_policy(tmp_path / "x.yaml") == tmp_path / "x.yaml"
+
+
+def test_a_home_override_is_what_the_defaults_derive_from(tmp_path: Path) -> None:
+    from tpm_faas.config import BUNDLED_MODELS, Settings
+
+    s = Settings.from_env({"TPM_FAAS_HOME": "/elsewhere"}, home=tmp_path)
+    assert s.home == tmp_path and s.model_roots == (tmp_path / "models", BUNDLED_MODELS)
+    assert s.ledger_url == f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    assert s.dev_tokens_path == tmp_path / "dev-tokens.yaml"

@@ -119,7 +119,7 @@ def _card_text(model: str, card: dict[str, object]) -> str:
         "context_length",
         "layers",
         "hidden_size",
-        "heads",
+        "attention_heads",
         "kv_heads",
         "head_dim",
         "vocab_size",
