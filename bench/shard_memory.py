@@ -39,6 +39,7 @@ def make_model(root: Path) -> int:
     model = LlamaForCausalLM(cfg)
     out = root / "bench-random" / "1"
     model.save_pretrained(out, safe_serialization=True)
+    (out / "tpm_model.json").write_text('{"tokenizer": "bytes"}\n')  # byte-level ids
     return sum(p.numel() for p in model.parameters())
 
 
