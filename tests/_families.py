@@ -292,6 +292,92 @@ def qwen3_moe(
     return Qwen3MoeConfig(**kw)
 
 
+def deepseek_v3(
+    *,
+    vocab_size: int = BYTE_VOCAB,
+    bos_token_id: TokenId = BYTE_BOS,
+    eos_token_id: EosIds = BYTE_EOS,
+    pad_token_id: TokenId = BYTE_PAD,
+    **overrides: Any,
+) -> Any:
+    """DeepSeek-V3 shape: multi-head latent attention with a query rank (``q_lora_rank`` 24;
+    override with None for plain ``q_proj``), ``kv_lora_rank`` 20, query/key heads of 12 + 8
+    rotary dimensions and values of 10 (4 heads on a width of 48), interleaved rotary pairs,
+    YaRN scaling (factor 4 over an original context of 32, ``mscale_all_dim``: the softmax
+    scale changes too); 3 layers, the first dense (``first_k_dense_replace``), then 8 routed
+    experts in 4 groups of which 2 are kept (``n_group``, ``topk_group``), 3 per token,
+    renormalised and scaled by ``routed_scaling_factor`` 2.5, beside one shared expert; untied
+    embeddings."""
+    from transformers import DeepseekV3Config
+
+    kw: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 48,
+        "intermediate_size": 64,
+        "moe_intermediate_size": 16,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 24,
+        "kv_lora_rank": 20,
+        "qk_nope_head_dim": 12,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 10,
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 3,
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+        "first_k_dense_replace": 1,
+        "rope_interleave": True,
+        "max_position_embeddings": POSITIONS,
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        **_specials(bos_token_id, eos_token_id, pad_token_id),
+        **overrides,
+    }
+    return DeepseekV3Config(**kw)
+
+
+def kimi_k2(**overrides: Any) -> Any:
+    """Kimi K2 shape (DeepSeek-V3's architecture; its checkpoints say ``model_type``
+    ``kimi_k2``, which :func:`kimi_checkpoint` writes): one routing group (``n_group`` 1), 12
+    experts with 4 per token beside a shared one, ``routed_scaling_factor`` 2.827, one dense
+    layer, a query rank, YaRN factor 32. A ``DeepseekV3Config`` (``transformers`` has no
+    ``kimi_k2``)."""
+    kw: dict[str, Any] = {
+        "n_routed_experts": 12,
+        "num_experts_per_tok": 4,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 2.827,
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "rope_theta": 50000.0,
+            "factor": 32.0,
+            "original_max_position_embeddings": POSITIONS // 32,
+            "beta_fast": 1.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        **overrides,
+    }
+    return deepseek_v3(**kw)
+
+
 #: Family name -> its config builder (keyword-only: ``vocab_size``, ``bos_token_id``,
 #: ``eos_token_id``, ``pad_token_id``, then any config field to override).
 FAMILIES: dict[str, Callable[..., Any]] = {
@@ -303,6 +389,8 @@ FAMILIES: dict[str, Callable[..., Any]] = {
     "gpt2": gpt2,
     "mixtral": mixtral,
     "qwen3_moe": qwen3_moe,
+    "deepseek_v3": deepseek_v3,
+    "kimi_k2": kimi_k2,
 }
 
 
@@ -321,7 +409,8 @@ def random_model(
 
     Weights are drawn at ``initializer_range`` 0.05 (greedy choices are clear, not near-ties),
     and every norm weight and bias is drawn too (``transformers`` initialises them to ones and
-    zeros, which would hide a norm or a bias left out).
+    zeros, which would hide a norm or a bias left out), DeepSeek's routing bias
+    (``e_score_correction_bias``) included.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -341,7 +430,21 @@ def random_model(
             if p.dim() == 1:  # norm weights and biases
                 noise = torch.randn(p.shape, generator=g) * 0.1
                 p.copy_(noise + (1.0 if name.endswith("weight") else 0.0))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's routing bias
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
     return model.eval()
+
+
+def kimi_checkpoint(directory: Path) -> Path:
+    """Make the checkpoint of a DeepSeek-V3 model in ``directory`` say what Kimi K2's
+    ``config.json`` says: ``model_type`` ``kimi_k2``, ``architectures``
+    ``["DeepseekV3ForCausalLM"]``. Returns ``directory``."""
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text())
+    config.update(model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"])
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return Path(directory)
 
 
 def save_checkpoint(model: Any, directory: Path, *, byte_card: bool = False) -> Path:

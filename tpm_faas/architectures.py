@@ -24,12 +24,20 @@ class Architecture:
     :param families: the published model families it covers (for messages and docs)
     :param tensor_parallel: whether DeepSpeed AutoTP shards it (else it is served at tp=1)
     :param gpt2_keys: whether its sizes use GPT-2's names (``n_embd``, ``n_head``, ...)
+    :param mla: multi-head latent attention (DeepSeek-V3): keys of ``qk_nope_head_dim +
+        qk_rope_head_dim`` and values of ``v_head_dim`` per head, every head its own
+    :param served_as: the ``transformers`` ``model_type`` that serves it, for a ``model_type``
+        ``transformers`` does not know (Kimi K2's ``kimi_k2`` is DeepSeek-V3's architecture)
+    :param model_class: the ``architectures`` entry such a config must name
     """
 
     model_type: str
     families: str
     tensor_parallel: bool = True
     gpt2_keys: bool = False
+    mla: bool = False
+    served_as: str | None = None
+    model_class: str | None = None
 
 
 SUPPORTED: dict[str, Architecture] = {
@@ -45,6 +53,15 @@ SUPPORTED: dict[str, Architecture] = {
         # the fused 3-D expert parameters of transformers 5).
         Architecture("mixtral", "Mixtral", tensor_parallel=False),
         Architecture("qwen3_moe", "Qwen3-MoE", tensor_parallel=False),
+        Architecture("deepseek_v3", "DeepSeek-V3", tensor_parallel=False, mla=True),
+        Architecture(
+            "kimi_k2",
+            "Kimi K2",
+            tensor_parallel=False,
+            mla=True,
+            served_as="deepseek_v3",
+            model_class="DeepseekV3ForCausalLM",
+        ),
     )
 }
 
@@ -82,6 +99,12 @@ def architecture_of(config: dict[str, Any], *, what: str = "this checkpoint") ->
         raise UnsupportedArchitecture(
             f"{what} is {named}, which tpm_faas does not serve; supported: {supported()}"
         )
+    named_classes = config.get("architectures")
+    if arch.model_class and named_classes and arch.model_class not in named_classes:
+        raise UnsupportedArchitecture(
+            f"{what} is a {kind!r} model of {named_classes}; tpm_faas serves {kind} as "
+            f"{arch.model_class} only"
+        )
     return arch
 
 
@@ -99,6 +122,8 @@ class Dims:
     #: Tokens a sequence may hold when served (prompt and generated).
     context_length: int
     tie_word_embeddings: bool
+    #: Per-head width of the values, and so of ``attn.hook_z`` (``head_dim`` but under MLA).
+    v_head_dim: int
 
 
 def dims(config: dict[str, Any]) -> Dims:
@@ -123,6 +148,7 @@ def dims(config: dict[str, Any]) -> Dims:
                 int(config["vocab_size"]),
                 int(config.get("n_positions") or 1024),  # GPT2Config's default
                 bool(config.get("tie_word_embeddings", True)),
+                d // heads,
             )
         kind = rope_type(config)
         if kind in DYNAMIC_ROPE:
@@ -138,16 +164,24 @@ def dims(config: dict[str, Any]) -> Dims:
         )
         if windowed and window:
             context = min(context, int(window))
+        if arch.mla:  # every head its own key and value, wider keys than values
+            kv_heads = heads
+            head_dim = int(config["qk_nope_head_dim"]) + int(config["qk_rope_head_dim"])
+            v_head_dim = int(config["v_head_dim"])
+        else:
+            kv_heads = int(config.get("num_key_value_heads") or heads)
+            head_dim = v_head_dim = int(config.get("head_dim") or d // heads)
         return Dims(
             arch.model_type,
             int(config["num_hidden_layers"]),
             d,
             heads,
-            int(config.get("num_key_value_heads") or heads),
-            int(config.get("head_dim") or d // heads),
+            kv_heads,
+            head_dim,
             int(config["vocab_size"]),
             context,
             bool(config.get("tie_word_embeddings", False)),
+            v_head_dim,
         )
     except KeyError as e:
         raise UnsupportedArchitecture(

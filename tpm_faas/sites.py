@@ -45,7 +45,9 @@ _BLOCK_NAME = re.compile(
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes a site's shape depends on."""
+    """The sizes a site's shape depends on. ``head_dim`` is the per-head width of
+    ``attn.hook_z``: the values' (``v_head_dim``) under multi-head latent attention, where the
+    queries and keys are wider."""
 
     architecture: str
     num_layers: int
@@ -59,7 +61,9 @@ class ModelShape:
         """From a ``transformers`` ``config.json`` of a supported architecture
         (:mod:`tpm_faas.architectures`)."""
         d = dims(config)
-        return cls(d.model_type, d.num_layers, d.hidden_size, d.num_heads, d.head_dim, d.vocab_size)
+        return cls(
+            d.model_type, d.num_layers, d.hidden_size, d.num_heads, d.v_head_dim, d.vocab_size
+        )
 
 
 @dataclass(frozen=True, order=True)

@@ -1,5 +1,6 @@
 """Reference values of every canonical hook site from plain ``transformers`` forward passes
-with module hooks, for every served architecture (Llama, Mistral, Qwen2, Qwen3, GPT-2), and
+with module hooks, for every served architecture (Llama, Mistral, Qwen2, Qwen3, GPT-2, and the
+mixtures of experts Mixtral, Qwen3-MoE, DeepSeek-V3), and
 helpers to run a spec through our runtime."""
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def info_of(model: Any) -> ModelInfo:
         dtype="float32",
         architecture=d.model_type,
         num_heads=d.num_heads,
-        head_dim=d.head_dim,
+        head_dim=d.v_head_dim,  # attn.hook_z's (values', under MLA)
     )
 
 

@@ -160,7 +160,10 @@ def test_the_shapes_are_the_awkward_ones(model: Any) -> None:
         return
     arch = arch_for(model, 8)
     assert (arch.q_heads, arch.kv_heads) == (d.num_heads, d.num_kv_heads)
-    assert d.num_heads > d.num_kv_heads > 1
+    if d.v_head_dim != d.head_dim:  # MLA (DeepSeek): each head its keys, wider than values
+        assert d.num_heads == d.num_kv_heads and d.head_dim > d.v_head_dim
+    else:
+        assert d.num_heads > d.num_kv_heads > 1
     assert isinstance(arch, Qwen3Arch) == (kind == "qwen3")
     rope = model.config.rope_parameters
     if rope["rope_type"] == "llama3":

@@ -1,9 +1,12 @@
-"""The mixtures of experts (Mixtral, Qwen3-MoE) through the serving runtime equal
-``transformers``, and load from checkpoints in the layout they are published in.
+"""The mixtures of experts (Mixtral, Qwen3-MoE, DeepSeek-V3 and Kimi K2) through the serving
+runtime equal ``transformers``, and load from checkpoints in the layout they are published in.
 
 The models are tiny random-weight ones (:mod:`_families`) in several routing shapes: expert
 counts and top-k values (top-1, top-k of every expert), Qwen3-MoE's dense layers
-(``mlp_only_layers``, ``decoder_sparse_step``) and both ``norm_topk_prob``. The runtime is the
+(``mlp_only_layers``, ``decoder_sparse_step``) and both ``norm_topk_prob``; DeepSeek's
+group-limited routing over 4, 2 and 1 groups with its score-correction bias, shared experts and
+dense first layers, and its multi-head latent attention with and without a query rank,
+interleaved or rotate-half rotary, with and without YaRN. The runtime is the
 one rank 0 runs (:class:`Scheduler` over :class:`Decoder`); the reference is the same model's
 ``generate()`` and its modules' outputs under hooks. Published Mixtral and Qwen3-MoE
 checkpoints hold one tensor per expert (``experts.3.w1.weight``,
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _families import random_model, save_checkpoint
+from _families import kimi_checkpoint, random_model, save_checkpoint
 from _reference import normalise, reference_values, run
 from click.testing import CliRunner
 from safetensors import safe_open
@@ -31,7 +34,7 @@ from test_families_exact import ATOL, NEW, PROMPT, PROMPTS, RTOL, TOK, _generate
 from tpm_faas.catalog import import_checkpoint
 from tpm_faas.cli import main
 from tpm_faas.client import decode_array
-from tpm_faas.errors import ConfigError
+from tpm_faas.errors import ConfigError, UnsupportedArchitecture
 from tpm_faas.runtime.decoder import Decoder
 from tpm_faas.runtime.model_store import (
     FusedExperts,
@@ -61,6 +64,24 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
             "mlp_only_layers": [],
         },
     ),
+    "deepseek_v3-qrank-4groups": ("deepseek_v3", {}),
+    "deepseek_v3-noqrank-2groups": (
+        "deepseek_v3",
+        {
+            "q_lora_rank": None,
+            "rope_interleave": False,
+            "rope_scaling": None,
+            "n_routed_experts": 6,
+            "num_experts_per_tok": 2,
+            "n_group": 2,
+            "topk_group": 1,
+            "n_shared_experts": 2,
+            "norm_topk_prob": False,
+            "first_k_dense_replace": 2,
+            "num_hidden_layers": 4,
+        },
+    ),
+    "kimi_k2": ("kimi_k2", {}),
 }
 
 
@@ -91,11 +112,33 @@ def test_the_routing_shapes_are_the_awkward_ones(model: Any) -> None:
         assert sparse == list(range(cfg.num_hidden_layers))
         experts = model.model.layers[0].mlp.experts.gate_up_proj
         assert experts.shape[0] == cfg.num_local_experts
-    else:
+    elif cfg.model_type == "qwen3_moe":
         step, dense = cfg.decoder_sparse_step, cfg.mlp_only_layers
         want = [i for i in range(cfg.num_hidden_layers) if i not in dense and (i + 1) % step == 0]
         assert sparse == want and 0 < len(sparse) < cfg.num_hidden_layers
+    else:
+        assert 0 < cfg.first_k_dense_replace < cfg.num_hidden_layers
+        assert sparse == list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
+        assert cfg.v_head_dim != cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.n_group > 1:  # the group limit changes some tokens' choice of experts
+            gate = model.model.layers[sparse[0]].mlp.gate
+            x = torch.randn(64, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                _, _, grouped = gate(x)
+                scores = torch.sigmoid(x @ gate.weight.T) + gate.e_score_correction_bias
+            free = scores.topk(cfg.num_experts_per_tok, dim=-1).indices
+            assert any(
+                set(a.tolist()) != set(b.tolist()) for a, b in zip(grouped, free, strict=True)
+            )
+        assert gate_bias(model).abs().min() > 0  # drawn, not transformers' zeros
+        return
     assert cfg.num_attention_heads > cfg.num_key_value_heads > 1
+
+
+def gate_bias(model: Any) -> torch.Tensor:
+    layer = _sparse_layers(model)[0]
+    bias: torch.Tensor = model.model.layers[layer].mlp.gate.e_score_correction_bias
+    return bias
 
 
 def test_greedy_tokens_and_logprobs_equal_generate(model: Any) -> None:
@@ -131,12 +174,16 @@ def test_every_site_equals_the_transformers_modules(model: Any) -> None:
     reply = run(Decoder(model, slots=4, max_len=96), [("intervene", body)])["0"]
     assert reply["ok"], reply
     saved = reply["result"]["results"][0]["saved"]
-    ref = reference_values(model, TOK.encode(PROMPT), sites)
+    ids = TOK.encode(PROMPT)
+    ref = reference_values(model, ids, sites)
     assert set(saved) == set(sites)
     for name in sites:
         got = decode_array(saved[name]["tensor"])
         assert got.shape == tuple(ref[name].shape), name
         np.testing.assert_allclose(got, ref[name].numpy(), atol=ATOL, rtol=RTOL, err_msg=name)
+    z = saved["blocks.0.attn.hook_z"]["tensor"]["shape"]
+    v_head_dim = getattr(model.config, "v_head_dim", None) or model.config.head_dim
+    assert z == [len(ids), model.config.num_attention_heads, v_head_dim] and shape.head_dim == z[2]
 
 
 # -- published checkpoints -----------------------------------------------------------------
@@ -144,8 +191,13 @@ def test_every_site_equals_the_transformers_modules(model: Any) -> None:
 PUBLISHED = {
     "mixtral": "model.layers.0.block_sparse_moe.experts.{e}.w{n}.weight",
     "qwen3_moe": "model.layers.1.mlp.experts.{e}.{n}_proj.weight",
+    "deepseek_v3": "model.layers.1.mlp.experts.{e}.{n}_proj.weight",
 }
-PARTS = {"mixtral": ("1", "2", "3"), "qwen3_moe": ("gate", "up", "down")}
+PARTS = {
+    "mixtral": ("1", "2", "3"),
+    "qwen3_moe": ("gate", "up", "down"),
+    "deepseek_v3": ("gate", "up", "down"),
+}
 
 
 def _names(path: Path) -> set[str]:
@@ -174,16 +226,47 @@ def test_published_checkpoint_imports_loads_and_serves(family: str, tmp_path: Pa
     assert out.exit_code == 0, out.output
     card = json.loads((root / family / "1" / "tpm_model.json").read_text())
     assert card["architecture"] == family and card["tensor_parallel"] is False
-    assert card["parameters"] == sum(p.numel() for p in model.parameters())
+    assert card["parameters"] == sum(t.numel() for t in model.state_dict().values())
 
     runner = ModelRunner.load(f"{family}@1", root / family / "1", dtype="float32", tp_size=1)
-    loaded = dict(runner.model.named_parameters())
-    for name, p in model.named_parameters():
-        assert torch.equal(loaded[name], p), name
+    loaded = runner.model.state_dict()  # parameters and persistent buffers (DeepSeek's bias)
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded[name], t), name
     assert runner.weight_bytes == (src / "model.safetensors").stat().st_size - _header(src)
     dec = runner.attach_decoder(slots=2, max_len=96)
     [c] = _served(dec, [_query([PROMPTS[1]])])
     assert c["token_ids"] == _generate(model, PROMPTS[1], NEW)[0]
+
+
+def test_kimi_k2_checkpoint_is_served_as_deepseek_v3(tmp_path: Path) -> None:
+    """Kimi K2's ``config.json`` says ``model_type`` ``kimi_k2`` (a type ``transformers`` does
+    not know) with ``DeepseekV3ForCausalLM``: imported under its own name, loaded as
+    DeepSeek-V3, served equal to ``generate()``; with another architecture it is refused."""
+    model = random_model("kimi_k2", seed=5)
+    src = kimi_checkpoint(save_checkpoint(model, tmp_path / "hub"))
+    card = import_checkpoint(src, "kimi@1", tmp_path / "root", tokenizer="bytes")
+    assert card["architecture"] == "kimi_k2" and card["family"] == "Kimi K2"
+    shape = ModelShape.from_config(json.loads((src / "config.json").read_text()))
+    assert (shape.num_heads, shape.head_dim) == (4, 10)  # attn.hook_z: [heads, v_head_dim]
+    runner = ModelRunner.load(
+        "kimi@1", tmp_path / "root" / "kimi" / "1", dtype="float32", tp_size=1
+    )
+    assert type(runner.model).__name__ == "DeepseekV3ForCausalLM"
+    assert runner.info.architecture == "kimi_k2" and runner.info.head_dim == 10
+    loaded = runner.model.state_dict()
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded[name], t), name
+    dec = runner.attach_decoder(slots=2, max_len=96)
+    [c] = _served(dec, [_query([PROMPTS[0]])])
+    assert c["token_ids"] == _generate(model, PROMPTS[0], NEW)[0]
+
+    other = tmp_path / "other"
+    save_checkpoint(model, other)
+    config = json.loads((other / "config.json").read_text())
+    config.update(model_type="kimi_k2", architectures=["KimiLinearForCausalLM"])
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitecture, match="serves kimi_k2 as DeepseekV3ForCausalLM"):
+        import_checkpoint(other, "other@1", tmp_path / "root", tokenizer="bytes")
 
 
 def _header(src: Path) -> int:

@@ -23,13 +23,17 @@ per difference of shape, for the architectures of :data:`tpm_faas.architectures.
 * :class:`Qwen3Arch`: adds Qwen3's per-head RMSNorm of queries and keys (``q_norm``,
   ``k_norm``) between the projection and the rotary embedding (``qwen3``), and
   :class:`Qwen3MoeArch` the same for ``qwen3_moe``;
+* :class:`DeepseekV3Arch`: DeepSeek-V3 and Kimi K2, multi-head latent attention (keys wider
+  than values: ``v_head_dim`` is ``attn.hook_z``'s per-head width);
 * :class:`GPT2Arch`: learned positions, fused ``c_attn``, ``Conv1D`` projections, LayerNorm.
 
-A mixture of experts (Mixtral, Qwen3-MoE) differs from its dense family only in the block's
-``mlp``: ``transformers`` makes it the sparse MoE block (router, top-k, the experts' fused 3-D
-weights), or a dense MLP in Qwen3-MoE's ``mlp_only_layers`` and off its
-``decoder_sparse_step``. :meth:`Arch.mlp` calls that module as it is, so ``hook_mlp_out`` is the
-MoE block's output (the weighted sum of the chosen experts).
+A mixture of experts (Mixtral, Qwen3-MoE, DeepSeek-V3) differs from a dense model only in the
+block's ``mlp``: ``transformers`` makes it the sparse MoE block (router, top-k, the experts'
+fused 3-D weights; DeepSeek's shared experts), or a dense MLP in Qwen3-MoE's
+``mlp_only_layers`` and off its ``decoder_sparse_step``, and in DeepSeek's first
+``first_k_dense_replace`` layers. :meth:`Arch.mlp` calls that module as it is, so
+``hook_mlp_out`` is the MoE block's output (the weighted sum of the chosen experts, plus the
+shared experts').
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class Arch:
         self.head_dim = int(
             getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         )
+        #: Per-head width of values, and of ``attn.hook_z`` (``head_dim`` but under MLA).
+        self.v_head_dim = self.head_dim
         self.scaling = self.head_dim**-0.5
         self.d_model = int(cfg.hidden_size)
         p = next(model.parameters())
@@ -120,7 +126,8 @@ class Arch:
     def qkv(
         self, i: int, x: torch.Tensor, rope: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values ``[b, heads, t, head_dim]`` (rotary applied)."""
+        """Queries, keys ``[b, heads, t, head_dim]`` (rotary applied) and values
+        ``[b, heads, t, v_head_dim]``."""
         b, t, _ = x.shape
         block = self.blocks[i]
         h = block.input_layernorm(x)
@@ -140,7 +147,7 @@ class Arch:
         return q, k
 
     def attn_out(self, i: int, z: torch.Tensor) -> torch.Tensor:
-        """``z`` ``[b, t, heads, head_dim]`` → the output projection ``[b, t, d]``."""
+        """``z`` ``[b, t, heads, v_head_dim]`` → the output projection ``[b, t, d]``."""
         b, t = z.shape[:2]
         out: torch.Tensor = self.blocks[i].self_attn.o_proj(z.reshape(b, t, -1))
         return out
@@ -181,6 +188,80 @@ class Qwen3MoeArch(Arch):
     qk_norm = Qwen3Arch.qk_norm
 
 
+class DeepseekV3Arch(Arch):
+    """DeepSeek-V3 and Kimi K2: multi-head latent attention (MLA) and a mixture of experts.
+
+    Queries come through ``q_proj``, or the low-rank ``q_a_proj`` → ``q_a_layernorm`` →
+    ``q_b_proj`` when ``q_lora_rank`` is set; keys and values from one latent
+    (``kv_a_proj_with_mqa`` → ``kv_a_layernorm`` → ``kv_b_proj``) plus a rotary key part shared
+    by every head. The decoder caches the expanded keys (``qk_nope_head_dim +
+    qk_rope_head_dim`` per head) and values (``v_head_dim``) of every head, so its attention is
+    the same scaled dot product as the other families' (see docs/models.md for why not the
+    latent). The rotary part is applied exactly as ``transformers`` does: interleaved pairs
+    when ``rope_interleave``, else rotate-half; the scaling is the attention module's own
+    (``qk_head_dim ** -0.5`` times the square of YaRN's ``mscale_all_dim`` correction). The
+    ``mlp`` is the model's own module: the MoE (sigmoid router with ``e_score_correction_bias``,
+    group-limited top-k, ``routed_scaling_factor``, plus the shared experts) from layer
+    ``first_k_dense_replace`` on, a dense MLP before."""
+
+    name = "deepseek_v3"
+
+    def __init__(self, model: Any, max_len: int) -> None:
+        cfg = model.config
+        core = model.model
+        self.model = model
+        self.blocks = list(core.layers)
+        self.final_norm = core.norm
+        self.lm_head = model.lm_head
+        self.d_model = int(cfg.hidden_size)
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        self._embed = core.embed_tokens
+        self.nope, self.rot = int(cfg.qk_nope_head_dim), int(cfg.qk_rope_head_dim)
+        self.head_dim = self.nope + self.rot
+        self.v_head_dim = int(cfg.v_head_dim)
+        self.kv_rank = int(cfg.kv_lora_rank)
+        self.interleave = bool(getattr(cfg, "rope_interleave", False))
+        attn0 = self.blocks[0].self_attn
+        self.scaling = float(attn0.scaling)
+        kv_b = int(attn0.kv_b_proj.weight.shape[0])
+        self.q_heads = self.kv_heads = kv_b // (self.nope + self.v_head_dim)
+        positions = torch.arange(max_len, device=self.device)[None]
+        dummy = torch.empty(1, dtype=self.dtype, device=self.device)
+        cos, sin = core.rotary_emb(dummy, positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, qk_rope_head_dim]
+
+    def qkv(
+        self, i: int, x: torch.Tensor, rope: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys ``[b, heads, t, qk_head_dim]``, values ``[b, heads, t, v_head_dim]``."""
+        b, t, _ = x.shape
+        block = self.blocks[i]
+        h = block.input_layernorm(x)
+        attn = block.self_attn
+        if attn.q_proj is not None:
+            q = attn.q_proj(h)
+        else:
+            q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(h)))
+        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
+        q_pass, q_rot = torch.split(q, [self.nope, self.rot], dim=-1)
+        latent, k_rot = torch.split(attn.kv_a_proj_with_mqa(h), [self.kv_rank, self.rot], dim=-1)
+        latent = attn.kv_a_layernorm(latent)
+        k_rot = k_rot.view(b, 1, t, self.rot)
+        cos, sin = rope
+        if self.interleave:
+            q_rot, k_rot = (
+                _rotate_interleaved(q_rot, cos, sin),
+                _rotate_interleaved(k_rot, cos, sin),
+            )
+        else:
+            q_rot, k_rot = _rotate(q_rot, cos, sin), _rotate(k_rot, cos, sin)
+        kv = attn.kv_b_proj(latent).view(b, t, -1, self.nope + self.v_head_dim).transpose(1, 2)
+        k_nope, v = torch.split(kv, [self.nope, self.v_head_dim], dim=-1)
+        k = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
+        return torch.cat((q_pass, q_rot), dim=-1), k, v
+
+
 class GPT2Arch(Arch):
     """GPT-2: learned positions, fused ``c_attn``, ``Conv1D`` projections, LayerNorm."""
 
@@ -199,7 +280,7 @@ class GPT2Arch(Arch):
         self.blocks = list(core.h)
         self.final_norm = core.ln_f
         self.lm_head = model.lm_head
-        self.head_dim = int(cfg.n_embd // cfg.n_head)
+        self.head_dim = self.v_head_dim = int(cfg.n_embd // cfg.n_head)
         self.scaling = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
@@ -248,6 +329,8 @@ ARCHES: dict[str, type[Arch]] = {
     "gpt2": GPT2Arch,
     "mixtral": Arch,
     "qwen3_moe": Qwen3MoeArch,
+    "deepseek_v3": DeepseekV3Arch,
+    "kimi_k2": DeepseekV3Arch,  # served as deepseek_v3 (architectures.SUPPORTED)
 }
 
 
@@ -263,3 +346,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's interleaved rotary pairs ``(x0, x1), (x2, x3), ...`` (``rope_interleave``),
+    written out as ``transformers``' ``apply_rotary_pos_emb_interleave``: the rotated pairs'
+    first and second members, each half together."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

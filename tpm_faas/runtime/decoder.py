@@ -1,13 +1,16 @@
 """The serving forward pass: a decoder over a static, slot-addressed KV cache.
 
 It runs the loaded model's own modules through :mod:`tpm_faas.runtime.arch` (the
-architectures of :data:`tpm_faas.architectures.SUPPORTED`: Llama, Mistral, Qwen2, Qwen3, GPT-2),
-so a model wrapped by DeepSpeed AutoTP runs unchanged: its column-parallel projections give
-each rank its share of the heads and its row-parallel ones all-reduce. What this module adds
+architectures of :data:`tpm_faas.architectures.SUPPORTED`: Llama, Mistral, Qwen2, Qwen3, GPT-2,
+Mixtral, Qwen3-MoE, DeepSeek-V3 and Kimi K2), so a model wrapped by DeepSpeed AutoTP runs
+unchanged: its column-parallel projections give each rank its share of the heads and its
+row-parallel ones all-reduce. What this module adds
 is what ``transformers`` cannot do for iteration-level batching and interventions:
 
-* one preallocated cache ``[layers, slots, kv_heads, max_len, head_dim]`` (no allocation per
-  step), where each running sequence owns a *slot* and its own length;
+* one preallocated cache ``[layers, slots, kv_heads, max_len, head_dim]`` of keys, and one of
+  values with their own ``v_head_dim`` (narrower than the keys under DeepSeek's multi-head
+  latent attention, whose expanded keys and values it holds), no allocation per step, where
+  each running sequence owns a *slot* and its own length;
 * :meth:`Decoder.prefill` of one prompt into a slot (causal attention);
 * :meth:`Decoder.decode` of one token for any set of slots, each at its own position
   (attention masked to each slot's length), so sequences of different lengths share a step.
@@ -93,9 +96,10 @@ class Decoder:
         self.slots = slots
         self.max_len = max_len
         self.dtype, self.device = arch.dtype, arch.device
-        shape = (self.n_layers, slots, self.kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_head_dim = arch.v_head_dim
+        shape = (self.n_layers, slots, self.kv_heads, max_len)
+        self.k_cache = torch.zeros((*shape, self.head_dim), dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros((*shape, self.v_head_dim), dtype=self.dtype, device=self.device)
         self._arange = torch.arange(max_len, device=self.device)
         self._sites = [tuple(Site(i, k) for k in BLOCK_SITES) for i in range(self.n_layers)]
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -108,7 +112,7 @@ class Decoder:
     def site_shape(self, site: Site) -> list[int]:
         """This rank's per-token shape of ``site`` (its own heads for ``attn.hook_z``)."""
         if site.per_head:
-            return [self.q_heads, self.head_dim]
+            return [self.q_heads, self.v_head_dim]
         if site.kind == "unembed":
             return [int(self.arch.lm_head.weight.shape[0])]
         return [self.arch.d_model]
@@ -332,7 +336,7 @@ class Decoder:
             if tap is not None:
                 x = tap(pre, x)
             q, k, v = arch.qkv(i, x, rope)
-            z = attend(i, q, k, v).transpose(1, 2)  # [b, t, heads, head_dim]
+            z = attend(i, q, k, v).transpose(1, 2)  # [b, t, heads, v_head_dim]
             if tap is not None:
                 z = tap(z_site, z)
             a = arch.attn_out(i, z)

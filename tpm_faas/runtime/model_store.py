@@ -33,6 +33,21 @@ def check_tp(name: str, model_dir: Path, tp_size: int) -> None:
         )
 
 
+def hf_config(model_dir: Path) -> Any:
+    """The ``transformers`` config of a version: its ``config.json`` as ``transformers`` reads
+    it, or, for a ``model_type`` ``transformers`` does not know but serves under another
+    (Kimi K2's ``kimi_k2``: ``served_as`` in :data:`tpm_faas.architectures.SUPPORTED`), the
+    same fields read by that architecture's config class (no remote code)."""
+    from transformers import AutoConfig
+
+    raw = json.loads((model_dir / "config.json").read_text())
+    arch = architecture_of(raw, what=model_dir.name)
+    if arch.served_as is None:
+        return AutoConfig.from_pretrained(model_dir)
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
+    return AutoConfig.for_model(arch.served_as, **fields)
+
+
 #: safetensors dtype names -> torch dtype names.
 _ST_DTYPES = {
     "F32": "float32",
@@ -219,7 +234,8 @@ def load_shard(module: Any, model_dir: Path, *, rank: int, tp_size: int) -> int:
     ``module`` was built on the meta device and sharded by AutoTP, so each parameter already
     has its local shape. Parameters are found by name; a mixture of experts' fused expert
     parameters are also read from the per-expert tensors of a published checkpoint
-    (:class:`FusedExperts`), as ``transformers`` converts them at load.
+    (:class:`FusedExperts`), as ``transformers`` converts them at load. Persistent buffers
+    the checkpoint holds are read too.
 
     The local shapes of every rank are gathered: a parameter whose shape differs from the
     checkpoint's along one dimension on any rank is a shard along it, and this rank's piece
@@ -272,6 +288,17 @@ def load_shard(module: Any, model_dir: Path, *, rank: int, tp_size: int) -> int:
                 t = read_source(entries[name])
             p.data = t.to(device=device, dtype=p.dtype)
             nbytes += t.numel() * t.element_size()
+        # Persistent buffers the checkpoint holds (DeepSeek's e_score_correction_bias), whole
+        # on every rank and in the buffer's own dtype (transformers keeps that one in fp32).
+        persistent = set(module.state_dict())
+        for name, buf in list(module.named_buffers()):
+            if name in persistent and name in files:
+                t = read_tensor(files[name])
+                owner, _, leaf = name.rpartition(".")
+                module.get_submodule(owner).register_buffer(
+                    leaf, t.to(device=device, dtype=buf.dtype)
+                )
+                nbytes += t.numel() * t.element_size()
     return nbytes
 
 

@@ -63,10 +63,10 @@ class ModelRunner:
         require("deepspeed", "runtime")
         require("transformers", "runtime")
         import deepspeed
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         model_store.check_tp(name, model_dir, tp_size)
-        config = AutoConfig.from_pretrained(model_dir)
+        config = model_store.hf_config(model_dir)
         # Built on the meta device: AutoTP gives each layer its local shape, then only this
         # rank's rows or columns are read from the checkpoint (model_store.load_shard).
         with torch.device("meta"):
