@@ -40,12 +40,15 @@ def model() -> Any:
     ).eval()
 
 
+TOK = ByteTokenizer()
+
+
 def make_scheduler(model: Any, slots: int = 8, max_len: int = 512) -> Scheduler:
     return make_scheduler_on(Decoder(model, slots=slots, max_len=max_len))
 
 
 def body(prompt: str, n: int = 24, **kw: Any) -> dict[str, Any]:
-    return {"prompts": [prompt], "max_new_tokens": n, "logprobs": True, **kw}
+    return {"prompt_ids": [TOK.encode(prompt)], "max_new_tokens": n, "logprobs": True, **kw}
 
 
 def drain(s: Scheduler, replies: dict[Any, dict[str, Any]], steps: int | None = None) -> None:
@@ -224,7 +227,8 @@ def test_a_request_with_more_prompts_than_slots_completes(model: Any) -> None:
     each equals the prompt alone (finished sequences never hold the others back)."""
     s = make_scheduler(model, slots=2)
     prompts = [*PROMPTS, "And Noah", "Now the serpent", "And Jacob"][:7]
-    s.submit("many", "r", {"prompts": prompts, "max_new_tokens": 6, "stop_at_eos": False})
+    ids = [TOK.encode(p) for p in prompts]
+    s.submit("many", "r", {"prompt_ids": ids, "max_new_tokens": 6, "stop_at_eos": False})
     out: dict[Any, dict[str, Any]] = {}
     drain(s, out, steps=500)
     assert not s.busy and out["many"]["ok"], out

@@ -11,10 +11,11 @@ import pytest
 
 from tpm_faas.config import Settings
 from tpm_faas.launcher import ShardGroup
+from tpm_faas.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.integration
 
-BODY = {"prompts": ["And Abraham"], "max_new_tokens": 8}
+BODY = {"prompt_ids": [ByteTokenizer().encode("And Abraham")], "max_new_tokens": 8}
 
 
 def test_dead_rank_is_detected_and_the_group_restarts(tmp_path: Path) -> None:

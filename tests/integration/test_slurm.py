@@ -25,6 +25,7 @@ from tpm_faas.errors import ShardGroupError
 from tpm_faas.launcher import Allocation, ShardGroup
 from tpm_faas.registry import Registry
 from tpm_faas.shard_client import ShardClient
+from tpm_faas.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.integration
 ACCOUNT = "tpm-test"
@@ -107,7 +108,7 @@ def test_deploy_serves_from_a_batch_job_on_your_account(tmp_path: Path) -> None:
         assert len(jobs) == 1 and f" {ACCOUNT} " in f" {jobs[0]} ", jobs  # billed to you
         entry = Registry(home / "registry").lookup("demo-tpm@1")
         out = ShardClient(entry.address).call(
-            "query", {"prompts": ["And God said"], "max_new_tokens": 6}
+            "query", {"prompt_ids": [ByteTokenizer().encode("And God said")], "max_new_tokens": 6}
         )
         assert out["completions"][0]["completion_tokens"] == 6
         cfg = yaml.safe_load((tmp_path / "endpoint.yaml").read_text())

@@ -13,10 +13,12 @@ from tpm_faas.config import Settings
 from tpm_faas.launcher import ShardGroup
 from tpm_faas.shard_client import ShardClient
 from tpm_faas.testing.embedded import EmbeddedSite
+from tpm_faas.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.integration
 
 PROMPTS = ["And God said, Let there be", "In the beginning", "And Abraham"]
+TOK = ByteTokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def test_group_reports_two_ranks(tp2: ShardClient) -> None:
 
 def test_greedy_text_identical(site: EmbeddedSite, tp2: ShardClient) -> None:
     body = {
-        "prompts": PROMPTS,
+        "prompt_ids": [TOK.encode(p) for p in PROMPTS],
         "max_new_tokens": 32,
         "temperature": 0.0,
         "top_p": 1.0,
@@ -169,7 +171,7 @@ def test_bad_request_does_not_stall_the_ranks(tp2: ShardClient) -> None:
         tp2.call(
             "intervene",
             {
-                "prompts": ["x"],
+                "prompt_ids": [TOK.encode("x")],
                 "ops": [
                     {
                         "op": "save",
@@ -187,7 +189,7 @@ def test_bad_request_does_not_stall_the_ranks(tp2: ShardClient) -> None:
     out = tp2.call(
         "query",
         {
-            "prompts": ["And"],
+            "prompt_ids": [TOK.encode("And")],
             "max_new_tokens": 3,
             "temperature": 0.0,
             "top_p": 1.0,
@@ -205,7 +207,7 @@ def test_concurrent_requests_batch_across_ranks(site: EmbeddedSite, tp2: ShardCl
     prompts = [*PROMPTS, "Now the serpent", "And Jacob", "And Noah", "These are", "And Sarah"]
 
     def body(p: str) -> dict[str, object]:
-        return {"prompts": [p], "max_new_tokens": 24, "temperature": 0.0, "seed": 0}
+        return {"prompt_ids": [TOK.encode(p)], "max_new_tokens": 24, "temperature": 0.0, "seed": 0}
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(lambda p: tp2.call("query", body(p)), prompts))
