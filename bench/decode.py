@@ -9,18 +9,21 @@ parameters) and dtype, on this machine's CPU:
 * **ours, 8 concurrent**: the same 8 requests submitted together (iteration-level batching).
 
 Then the same four figures for each served family (``llama``, ``llama3.1`` with ``llama3``
-RoPE scaling, ``mistral``, ``qwen2``, ``qwen3``, ``gpt2``): a random-weight model of the
-family's shape from ``tests/_families.py`` (4 layers, width 256, fp32, byte vocabulary).
+RoPE scaling, ``mistral``, ``qwen2``, ``qwen3``, ``gpt2``, and the mixtures of experts
+``mixtral``, ``qwen3_moe``, ``deepseek_v3``, ``kimi_k2``): a random-weight model of the family's
+shape from ``tests/_families.py`` (4 layers, width 256, fp32, byte vocabulary; 8 experts of
+which 2 per token for the mixtures of experts).
 
 Figures are generated tokens per second (prefill included, as a user sees it), best of
 ``--repeats``, the contenders of a row timed in turn (so a busy machine slows all of them
 alike). Ratios: ours b1 / HF b1 (target >= 1.0) and 8 concurrent / one by one (target >= 2).
 Prints a table and writes JSON (``--out``). GPU rows need a CUDA device and are skipped here
 otherwise; ``--gpu-only`` runs just them (``bench/gpu.sh``), ``--families-only`` just the
-family rows.
+family rows, ``--families a,b`` just those families' rows.
 
     python bench/decode.py [--tokens 64] [--repeats 3] [--threads N] [--gpu-only]
-                           [--families-only] [--out bench/out/decode.json]
+                           [--families-only] [--families mixtral,qwen3_moe]
+                           [--out bench/out/decode.json]
 """
 
 from __future__ import annotations
@@ -73,6 +76,72 @@ FAMILY_SHAPES: dict[str, dict[str, Any]] = {
     "qwen3": LLAMA_SHAPE,
     "gpt2": {"n_embd": 256, "n_layer": 4, "n_head": 8, "n_positions": 512},
 }
+#: The mixtures of experts at the same width: 8 experts of a quarter of the dense MLP's width,
+#: 2 per token (Qwen3-MoE's first layer and DeepSeek's first layer dense); MLA with the ratios
+#: of DeepSeek-V3 (values and non-rotary key parts of a head's width, half of it rotary).
+MOE = {"intermediate_size": 688, "num_experts_per_tok": 2}
+MLA_SHAPE = {
+    **MOE,
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "q_lora_rank": 96,
+    "kv_lora_rank": 64,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 32,
+    "moe_intermediate_size": 172,
+    "n_routed_experts": 8,
+    "first_k_dense_replace": 1,
+    "max_position_embeddings": 512,
+}
+FAMILY_SHAPES.update(
+    {
+        "mixtral": {
+            **LLAMA_SHAPE,
+            **MOE,
+            "intermediate_size": 172,
+            "num_local_experts": 8,
+            "sliding_window": None,
+        },
+        "qwen3_moe": {
+            **LLAMA_SHAPE,
+            **MOE,
+            "moe_intermediate_size": 172,
+            "num_experts": 8,
+            "mlp_only_layers": [0],
+        },
+        "deepseek_v3": {
+            **MLA_SHAPE,
+            "n_group": 4,
+            "topk_group": 2,
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 128,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+        },
+        "kimi_k2": {
+            **MLA_SHAPE,
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "rope_theta": 50000.0,
+                "factor": 32.0,
+                "original_max_position_embeddings": 16,
+                "beta_fast": 1.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+        },
+    }
+)
 
 
 def family_model(family: str) -> Any:
@@ -215,12 +284,13 @@ def run(
     gpu_only: bool = False,
     families_only: bool = False,
     threads: int | None = None,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
     torch.set_num_threads(threads or os.cpu_count() or 1)
     rows = []
     cases = (
         []
-        if gpu_only or families_only
+        if gpu_only or families_only or only
         else [
             ("demo-tpm@1 (3.1M)", demo_model, torch.float32),
             ("demo-tpm@1 (3.1M)", demo_model, torch.bfloat16),
@@ -235,7 +305,7 @@ def run(
         rows.append(row)
         print(f"  measured {name} {row['dtype']}", flush=True)
     families = []
-    for family in [] if gpu_only else FAMILY_SHAPES:
+    for family in [] if gpu_only else (only or FAMILY_SHAPES):
         model = family_model(family)
         params = sum(p.numel() for p in model.parameters())
         row = {
@@ -299,8 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-only", action="store_true", help="skip the CPU rows (bench/gpu.sh)")
     p.add_argument("--families-only", action="store_true", help="only the family rows (CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
+    p.add_argument("--families", default="", help="only these family rows, comma-separated")
     a = p.parse_args(argv)
-    result = run(a.tokens, a.repeats, a.gpu_only, a.families_only, a.threads)
+    only = [f for f in a.families.split(",") if f]
+    unknown = sorted(set(only) - set(FAMILY_SHAPES))
+    if unknown:
+        p.error(f"unknown families {unknown}; known: {', '.join(FAMILY_SHAPES)}")
+    result = run(a.tokens, a.repeats, a.gpu_only, a.families_only, a.threads, only)
     print(table(result))
     write(result, a.out)
     return 0
