@@ -25,15 +25,16 @@ import numpy as np
 import pytest
 import torch
 from _families import kimi_checkpoint, random_model, save_checkpoint
-from _reference import normalise, reference_values, run
+from _reference import hooked, normalise, reference_generate, reference_values, run
 from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_families_exact import ATOL, NEW, PROMPT, PROMPTS, RTOL, TOK, _generate, _query, _served
+from test_interventions_exact import _edit
 
 from tpm_faas.catalog import import_checkpoint
 from tpm_faas.cli import main
-from tpm_faas.client import decode_array
+from tpm_faas.client import decode_array, encode_array
 from tpm_faas.errors import ConfigError, UnsupportedArchitecture
 from tpm_faas.runtime.decoder import Decoder
 from tpm_faas.runtime.model_store import (
@@ -184,6 +185,80 @@ def test_every_site_equals_the_transformers_modules(model: Any) -> None:
     z = saved["blocks.0.attn.hook_z"]["tensor"]["shape"]
     v_head_dim = getattr(model.config, "v_head_dim", None) or model.config.head_dim
     assert z == [len(ids), model.config.num_attention_heads, v_head_dim] and shape.head_dim == z[2]
+
+
+#: Writes at the sites a mixture of experts changes or makes uneven: the MoE block's output,
+#: and the heads of ``attn.hook_z`` (``[heads, v_head_dim]`` under MLA).
+WRITES = [
+    {"op": "add", "site": "blocks.1.hook_mlp_out", "scale": 2.0},
+    {"op": "ablate", "site": "blocks.1.hook_mlp_out", "method": "mean"},
+    {"op": "add", "site": "blocks.1.attn.hook_z", "heads": [0, 3]},
+    {"op": "scale_heads", "layers": [1], "heads": [1], "scale": 0.0},
+]
+
+
+@pytest.mark.parametrize("op", WRITES, ids=[f"{w['op']}-{w.get('site', 'z')}" for w in WRITES])
+def test_writes_change_outputs_exactly_as_the_reference(model: Any, op: dict[str, Any]) -> None:
+    shape = ModelShape.from_config(model.config.to_dict())
+    ids = TOK.encode(PROMPT)
+    positions = [1, 4, len(ids) - 1]
+    site = op.get("site", "blocks.1.attn.hook_z")
+    width = [len(op["heads"]), shape.head_dim] if "heads" in op else [shape.hidden_size]
+    value = None
+    spec = {"positions": positions, **op}
+    if op["op"] == "add":
+        value = torch.from_numpy(np.random.default_rng(3).standard_normal(width).astype(np.float32))
+        spec["vector"] = encode_array(value.numpy())
+    body = normalise(model, {"prompt": PROMPT, "ops": [spec, {"op": "save", "site": "unembed"}]})
+    reply = run(Decoder(model, slots=2, max_len=96), [("intervene", body)])["0"]
+    assert reply["ok"], reply
+    got = decode_array(reply["result"]["results"][0]["saved"]["unembed"]["tensor"])
+    with hooked(model, site, _edit(op, value, positions)), torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    plain = reference_values(model, ids, [])["unembed"]
+    assert not np.allclose(ref.numpy(), plain.numpy(), atol=1e-3)  # the write does something
+    np.testing.assert_allclose(got, ref.numpy(), atol=ATOL * 10, rtol=RTOL)
+
+
+def test_steering_during_generation_matches_the_reference(model: Any) -> None:
+    """Steering that changes which experts the generated tokens choose."""
+    ids = TOK.encode(PROMPT)
+    vec = np.random.default_rng(5).standard_normal(model.config.hidden_size).astype(np.float32)
+    spec = {
+        "op": "add",
+        "site": "hook_resid_post",
+        "layers": [0],
+        "vector": encode_array(vec * 2),
+        "generation": True,
+    }
+    req = {"prompt": PROMPT, "ops": [spec], "max_new_tokens": 10, "stop_at_eos": False}
+    reply = run(Decoder(model, slots=2, max_len=96), [("intervene", normalise(model, req))])["0"]
+    assert reply["ok"], reply
+    edit = _edit({"op": "add"}, torch.from_numpy(vec * 2), list(range(96)))
+    want = reference_generate(model, ids, 10, [("blocks.0.hook_resid_post", edit)])
+    assert reply["result"]["results"][0]["token_ids"] == want
+    assert want != reference_generate(model, ids, 10, [])
+
+
+def test_graph_capturable_step_equals_the_dynamic_step(model: Any) -> None:
+    """``decode_dense`` (the step a CUDA graph captures: static shapes over the whole cache,
+    keys and values of their own widths) equals the dynamic step, slots at different
+    positions."""
+    dyn, dense = Decoder(model, slots=4, max_len=64), Decoder(model, slots=4, max_len=64)
+    prompts = PROMPTS[:3]
+    last = []
+    for dec in (dyn, dense):
+        for slot, ids in enumerate(prompts):
+            logits = dec.prefill(slot, ids)
+            if dec is dyn:
+                last.append(int(logits[0].argmax()))
+    pos = [len(p) for p in prompts]
+    for _ in range(4):
+        a = dyn.decode([0, 1, 2], last, pos)
+        b, _ = dense.decode_dense(torch.tensor([*last, 0]), torch.tensor([*pos, 0]))
+        torch.testing.assert_close(a, b[:3], rtol=1e-4, atol=1e-4)
+        last = [int(r.argmax()) for r in a]
+        pos = [q + 1 for q in pos]
 
 
 # -- published checkpoints -----------------------------------------------------------------
