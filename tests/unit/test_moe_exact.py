@@ -311,6 +311,17 @@ def test_published_checkpoint_imports_loads_and_serves(family: str, tmp_path: Pa
     dec = runner.attach_decoder(slots=2, max_len=96)
     [c] = _served(dec, [_query([PROMPTS[1]])])
     assert c["token_ids"] == _generate(model, PROMPTS[1], NEW)[0]
+    _embed_equals_transformers(runner, model)
+
+
+def _embed_equals_transformers(runner: ModelRunner, model: Any) -> None:
+    """Embed mode: the core's mean-pooled last hidden states, one sequence at a time."""
+    got = runner.embed({"input_ids": PROMPTS[:2], "pooling": "mean"})
+    with torch.no_grad():
+        want = [model.model(torch.tensor([p])).last_hidden_state[0].mean(0) for p in PROMPTS[:2]]
+    np.testing.assert_allclose(
+        decode_array(got["output"]), torch.stack(want).numpy(), atol=ATOL, rtol=RTOL
+    )
 
 
 def test_kimi_k2_checkpoint_is_served_as_deepseek_v3(tmp_path: Path) -> None:
@@ -334,6 +345,7 @@ def test_kimi_k2_checkpoint_is_served_as_deepseek_v3(tmp_path: Path) -> None:
     dec = runner.attach_decoder(slots=2, max_len=96)
     [c] = _served(dec, [_query([PROMPTS[0]])])
     assert c["token_ids"] == _generate(model, PROMPTS[0], NEW)[0]
+    _embed_equals_transformers(runner, model)
 
     other = tmp_path / "other"
     save_checkpoint(model, other)
