@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from tpm_faas.errors import ConfigError, RequestError, UnsupportedArchitecture
@@ -166,6 +166,9 @@ class Model:
     :param kv_window: a sliding-window model caches at most this many tokens per sequence
     :param expert_params: parameters of one routed expert (0 for a dense model)
     :param tensor_parallel: whether the model can be split by tensor parallelism at all
+    :param mla_expanded_values_per_token: for MLA, numbers cached per token over all layers
+        when keys and values are cached expanded (``layers x heads x (qk_head_dim +
+        v_head_dim)``: what the serving decoder caches today, see docs/models.md)
     """
 
     model_type: str
@@ -187,6 +190,7 @@ class Model:
     kv_window: int | None
     tensor_parallel: bool
     parts: tuple[Part, ...]
+    mla_expanded_values_per_token: int = 0
 
     @property
     def total_params(self) -> int:
@@ -640,6 +644,7 @@ def _mla(r: _Reader) -> Model:
         kv_window=None,
         tensor_parallel=True,
         parts=tuple(parts),
+        mla_expanded_values_per_token=layers * heads * (qk + v),
     )
 
 
@@ -827,6 +832,7 @@ def plan(
     name: str = "model",
     what: str = "config.json",
     max_nodes: int = MAX_NODES,
+    mla_cache: str = "expanded",
 ) -> Plan:
     """The smallest layout of ``config`` on ``gpu`` that holds, on every GPU,
     ``weights + KV cache (context x concurrency) + reserve <= memory``, with its roofline.
@@ -836,6 +842,9 @@ def plan(
     :param dtype: a key of :data:`DTYPES`
     :param decode_bw_gb_s: a measured per-GPU bandwidth (GB/s, e.g. ``copy_bandwidth_gb_s`` of
         ``bench/decode.py``), used as is instead of peak x :data:`ACHIEVABLE_FRACTION`
+    :param mla_cache: for multi-head latent attention, ``expanded`` (keys and values per head,
+        what the serving decoder caches today) or ``latent`` (the compressed latent, 35x
+        smaller for Kimi K2: the target for long contexts)
     :raises ConfigError: unknown GPU or dtype, invalid config, or no layout up to
         ``max_nodes`` nodes fits
     :raises UnsupportedArchitecture: a ``model_type`` the planner does not read
@@ -850,8 +859,22 @@ def plan(
         raise RequestError(f"context ({context}) and concurrency ({concurrency}) must be >= 1")
     if decode_bw_gb_s is not None and not decode_bw_gb_s > 0:
         raise RequestError(f"the decode bandwidth must be positive, not {decode_bw_gb_s}")
+    if mla_cache not in ("expanded", "latent"):
+        raise ConfigError(f"unknown MLA cache {mla_cache!r}; known: expanded, latent")
     model = model_from_config(config, what=what)
     notes: list[str] = []
+    if model.attention == "mla" and mla_cache == "expanded":
+        # Keys and values per head, split by tensor parallelism like grouped-query attention.
+        model = replace(
+            model,
+            attention="mha",
+            kv_heads=model.heads,
+            kv_values_per_token=model.mla_expanded_values_per_token,
+        )
+        notes.append(
+            "MLA planned with expanded keys and values (what the decoder caches today); "
+            "--mla-cache latent plans the compressed cache"
+        )
     if model.max_position_embeddings and context > model.max_position_embeddings:
         notes.append(
             f"context {context} exceeds the model's max_position_embeddings "

@@ -192,7 +192,9 @@ def test_fixture_layouts_on_h100() -> None:
 def test_more_context_or_concurrency_never_gives_a_smaller_layout(name: str) -> None:
     c = config(name)
     grid = {
-        (ctx, n): plan(c, gpu="h100-80g", dtype="fp8", context=ctx, concurrency=n).layout.gpus
+        (ctx, n): plan(
+            c, gpu="h100-80g", dtype="fp8", context=ctx, concurrency=n, mla_cache="latent"
+        ).layout.gpus
         for ctx in (1024, 8192, 32768, 131072)
         for n in (1, 4, 16, 64)
     }
@@ -226,12 +228,33 @@ def test_memory_per_gpu_adds_up() -> None:
 
 
 def test_mla_latent_is_held_by_every_rank_of_a_node() -> None:
-    p = plan(config("deepseek-v3"), gpu="h200-141g", dtype="fp8", concurrency=16)
+    p = plan(
+        config("deepseek-v3"), gpu="h200-141g", dtype="fp8", concurrency=16, mla_cache="latent"
+    )
     assert p.layout.nodes == 1
     assert p.memory.kv_cache == pytest.approx(16 * 8192 * 576 * 61 * 2)
-    two = plan(config("deepseek-v3"), gpu="h100-80g", dtype="fp8", concurrency=16)
+    two = plan(
+        config("deepseek-v3"), gpu="h100-80g", dtype="fp8", concurrency=16, mla_cache="latent"
+    )
     assert two.layout.nodes == 2  # each node holds the latents of its 8 sequences
     assert two.memory.kv_cache == pytest.approx(8 * 8192 * 576 * 61 * 2)
+
+
+def test_mla_expanded_cache_is_what_the_decoder_holds() -> None:
+    """By default MLA is planned as the serving decoder caches it today: keys (qk_head_dim)
+    and values (v_head_dim) per head, split by tensor parallelism."""
+    kimi = config("kimi-k2-instruct")
+    expanded = plan(kimi, gpu="h200-141g", dtype="fp8", concurrency=16)
+    latent = plan(kimi, gpu="h200-141g", dtype="fp8", concurrency=16, mla_cache="latent")
+    per_token = 61 * 64 * (192 + 128) * 2  # bytes, bf16: docs/models.md's 2,498,560
+    assert expanded.model.kv_bytes_per_token() == per_token == 2_498_560
+    assert latent.model.kv_bytes_per_token() == 61 * (512 + 64) * 2
+    assert expanded.layout.gpus >= latent.layout.gpus
+    tp = expanded.layout.tensor_parallel
+    seqs = math.ceil(16 / expanded.layout.data_parallel)
+    assert expanded.memory.kv_cache == pytest.approx(seqs * 8192 * per_token / tp)
+    with pytest.raises(ConfigError, match="unknown MLA cache"):
+        plan(kimi, gpu="h200-141g", mla_cache="paged")
 
 
 def test_sliding_window_bounds_the_cache() -> None:

@@ -30,6 +30,10 @@ def _params(n: int) -> str:
               metavar="GBPS", default=None,
               help="Measured per-GPU bandwidth in GB/s (bench/decode.py's copy_bandwidth_gb_s) "
               "instead of the datasheet peak x 80 %.")  # fmt: skip
+@click.option("--mla-cache", type=click.Choice(["expanded", "latent"]), default="expanded",
+              show_default=True,
+              help="Multi-head latent attention: cache expanded keys and values (what the "
+              "decoder serves today) or the compressed latent.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plan(
     config: Path,
@@ -38,6 +42,7 @@ def plan(
     context: int,
     concurrency: int,
     decode_bw: float | None,
+    mla_cache: str,
     as_json: bool,
 ) -> None:
     """Plan serving the checkpoint whose config.json is CONFIG (the file or its directory).
@@ -61,6 +66,7 @@ def plan(
         decode_bw_gb_s=decode_bw,
         name=name or str(path),
         what=str(path),
+        mla_cache=mla_cache,
     )
     if as_json:
         echo_json(p.to_dict())
