@@ -30,6 +30,14 @@ from tpm_faas.errors import ConfigError, UnknownModel, UnsupportedArchitecture
 FAMILIES = sorted(STYLE_OF)
 
 
+def _copy(src: Path, dst: Path) -> Path:
+    """A copy of a checkpoint directory to spoil."""
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
     root = tmp_path_factory.mktemp("published")
@@ -133,10 +141,7 @@ def test_broken_index_and_unserved_dtypes_are_refused(
     sources: dict[str, tuple[Path, Any]], tmp_path: Path
 ) -> None:
     src, _ = sources["qwen2"]
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for p in src.iterdir():
-        (bad / p.name).write_bytes(p.read_bytes())
+    bad = _copy(src, tmp_path / "bad")
     (bad / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})
     )
@@ -172,10 +177,7 @@ def test_dynamic_rope_is_refused_before_any_rank(
     sources: dict[str, tuple[Path, Any]], tmp_path: Path
 ) -> None:
     src, _ = sources["llama"]
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for p in src.iterdir():
-        (bad / p.name).write_bytes(p.read_bytes())
+    bad = _copy(src, tmp_path / "bad")
     config = json.loads((bad / "config.json").read_text())
     config["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
     (bad / "config.json").write_text(json.dumps(config))

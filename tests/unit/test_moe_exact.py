@@ -17,7 +17,6 @@ imported with ``models add`` and loaded through :meth:`ModelRunner.load`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,18 @@ from _reference import hooked, normalise, reference_generate, reference_values, 
 from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_families_exact import ATOL, NEW, PROMPT, PROMPTS, RTOL, TOK, _generate, _query, _served
+from test_families_exact import (
+    ATOL,
+    NEW,
+    PROMPT,
+    PROMPTS,
+    RTOL,
+    TOK,
+    _generate,
+    _query,
+    _served,
+    one_thread,  # noqa: F401 (the autouse fixture, here too)
+)
 from test_interventions_exact import _edit
 
 from tpm_faas.catalog import import_checkpoint
@@ -84,16 +94,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "kimi_k2": ("kimi_k2", {}),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
