@@ -19,6 +19,10 @@ STYLE_OF = {
     "qwen2": "chatml",
     "qwen3": "chatml",
     "gpt2": "gpt2",
+    "mixtral": "mistral",
+    "qwen3_moe": "chatml",
+    "deepseek_v3": "llama3",
+    "kimi_k2": "llama3",
 }
 #: Embedding rows: the tokenizer's 512 ids, padded (as published checkpoints pad theirs).
 VOCAB = 520

@@ -118,6 +118,8 @@ def _eos(model: Any) -> list[int]:
 
 
 def _token_text(tok: Any, token_id: int) -> str:
+    if token_id >= len(tok):  # an embedding row past the tokenizer's ids (padding)
+        return f"<{token_id}>"
     text = tok.decode([token_id])
     return text if text and "\ufffd" not in text else tok.convert_ids_to_tokens(token_id)
 
