@@ -130,21 +130,29 @@ def test_batched_sequences_of_different_lengths_equal_one_at_a_time(model: Any) 
     assert [c["token_ids"] for c in many] == [c["token_ids"][:NEW] for c in alone]
 
 
-def test_every_site_equals_the_transformers_modules(model: Any) -> None:
+def _every_site_matches(model: Any, dec: Decoder) -> list[int]:
+    """Save every canonical site of PROMPT through ``dec``, assert each equals the
+    ``transformers`` module output; returns ``attn.hook_z``'s shape at layer 0."""
     shape = ModelShape.from_config(model.config.to_dict())
     sites = [s.name for s in all_sites(shape)]
     body = normalise(model, {"prompt": PROMPT, "ops": [{"op": "save", "site": s} for s in sites]})
-    reply = run(_decoder(model), [("intervene", body)])["0"]
+    reply = run(dec, [("intervene", body)])["0"]
     assert reply["ok"], reply
     saved = reply["result"]["results"][0]["saved"]
-    ids = TOK.encode(PROMPT)
-    ref = reference_values(model, ids, sites)
+    ref = reference_values(model, TOK.encode(PROMPT), sites)
     assert set(saved) == set(sites)
     for name in sites:
         got = decode_array(saved[name]["tensor"])
         assert got.shape == tuple(ref[name].shape), name
         np.testing.assert_allclose(got, ref[name].numpy(), atol=ATOL, rtol=RTOL, err_msg=name)
-    z = saved["blocks.0.attn.hook_z"]["tensor"]["shape"]
+    z: list[int] = saved["blocks.0.attn.hook_z"]["tensor"]["shape"]
+    return z
+
+
+def test_every_site_equals_the_transformers_modules(model: Any) -> None:
+    shape = ModelShape.from_config(model.config.to_dict())
+    ids = TOK.encode(PROMPT)
+    z = _every_site_matches(model, _decoder(model))
     assert z == [len(ids), shape.num_heads, shape.head_dim]
 
 

@@ -35,6 +35,7 @@ from test_families_exact import (
     PROMPTS,
     RTOL,
     TOK,
+    _every_site_matches,
     _generate,
     _query,
     _served,
@@ -54,7 +55,7 @@ from tpm_faas.runtime.model_store import (
     weight_files,
 )
 from tpm_faas.runtime.runner import ModelRunner
-from tpm_faas.sites import ModelShape, all_sites
+from tpm_faas.sites import ModelShape
 
 #: (family, config overrides): routing shapes the defaults of :mod:`_families` do not cover.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -170,19 +171,8 @@ def test_every_site_equals_the_transformers_modules(model: Any) -> None:
     """``hook_mlp_out`` is the MoE block's output (a dense layer's MLP output in Qwen3-MoE's
     dense layers); every other site is where it is in the dense families."""
     shape = ModelShape.from_config(model.config.to_dict())
-    sites = [s.name for s in all_sites(shape)]
-    body = normalise(model, {"prompt": PROMPT, "ops": [{"op": "save", "site": s} for s in sites]})
-    reply = run(Decoder(model, slots=4, max_len=96), [("intervene", body)])["0"]
-    assert reply["ok"], reply
-    saved = reply["result"]["results"][0]["saved"]
     ids = TOK.encode(PROMPT)
-    ref = reference_values(model, ids, sites)
-    assert set(saved) == set(sites)
-    for name in sites:
-        got = decode_array(saved[name]["tensor"])
-        assert got.shape == tuple(ref[name].shape), name
-        np.testing.assert_allclose(got, ref[name].numpy(), atol=ATOL, rtol=RTOL, err_msg=name)
-    z = saved["blocks.0.attn.hook_z"]["tensor"]["shape"]
+    z = _every_site_matches(model, Decoder(model, slots=4, max_len=96))
     v_head_dim = getattr(model.config, "v_head_dim", None) or model.config.head_dim
     assert z == [len(ids), model.config.num_attention_heads, v_head_dim] and shape.head_dim == z[2]
 
