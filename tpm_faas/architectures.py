@@ -191,3 +191,56 @@ def dims(config: dict[str, Any]) -> Dims:
         raise UnsupportedArchitecture(
             f"config.json of a {arch.model_type} model has a bad size: {e}"
         ) from None
+
+
+@dataclass(frozen=True)
+class Moe:
+    """The routing of a mixture of experts, from its ``config.json``.
+
+    :param num_experts: routed experts per MoE layer
+    :param top_k: experts each token is routed to
+    :param layers: the layers whose MLP is the MoE block (the others are dense: DeepSeek's
+        first ``first_k_dense_replace``, Qwen3-MoE's ``mlp_only_layers`` and those off its
+        ``decoder_sparse_step``)
+    :param shared: whether a shared expert runs beside the routed ones (DeepSeek-V3, Kimi K2)
+    """
+
+    num_experts: int
+    top_k: int
+    layers: tuple[int, ...]
+    shared: bool
+
+
+def moe_of(config: dict[str, Any]) -> Moe | None:
+    """The routing of a supported mixture of experts; ``None`` for a dense model."""
+    arch = architecture_of(config)
+    n_layers = int(config.get("num_hidden_layers") or 0)
+    try:
+        if arch.model_type == "mixtral":
+            return Moe(
+                int(config["num_local_experts"]),
+                int(config["num_experts_per_tok"]),
+                tuple(range(n_layers)),
+                False,
+            )
+        if arch.model_type == "qwen3_moe":
+            n = int(config.get("num_experts") or 0)
+            step = int(config.get("decoder_sparse_step") or 1)
+            dense = set(config.get("mlp_only_layers") or [])
+            layers = tuple(
+                i for i in range(n_layers) if i not in dense and n > 0 and (i + 1) % step == 0
+            )
+            return Moe(n, int(config["num_experts_per_tok"]), layers, False)
+        if arch.model_type in ("deepseek_v3", "kimi_k2"):
+            first = int(config.get("first_k_dense_replace") or 0)
+            return Moe(
+                int(config["n_routed_experts"]),
+                int(config["num_experts_per_tok"]),
+                tuple(range(first, n_layers)),
+                int(config.get("n_shared_experts") or 0) > 0,
+            )
+    except KeyError as e:
+        raise UnsupportedArchitecture(
+            f"config.json of a {arch.model_type} model lacks {e.args[0]!r}"
+        ) from None
+    return None

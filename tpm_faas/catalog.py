@@ -142,6 +142,10 @@ def model_info(name: str, model_dir: Path, *, dtype: str | None = None) -> Model
         chat=bool(meta.get("chat_template", (model_dir / "chat_template.jinja").is_file()))
         if meta["tokenizer"] == "hf"
         else False,
+        num_experts=shape.num_experts,
+        experts_per_token=shape.experts_per_token,
+        moe_layers=list(shape.moe_layers),
+        shared_experts=shape.shared_experts,
     )
 
 

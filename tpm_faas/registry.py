@@ -47,6 +47,12 @@ class ModelInfo:
     tokenizer_dir: str = ""
     #: Whether the checkpoint ships a chat template (requests may send chat messages).
     chat: bool = False
+    #: A mixture of experts' routing (:class:`tpm_faas.architectures.Moe`): routed experts
+    #: per layer (0: a dense model), experts per token, its MoE layers, a shared expert.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_layers: list[int] = field(default_factory=list)
+    shared_experts: bool = False
 
 
 @dataclass(frozen=True)
