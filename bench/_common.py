@@ -108,3 +108,55 @@ def llama3_8b(device: str = "cuda") -> Any:
     )
     with torch.device(device):
         return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+#: A Qwen3-MoE of a few billion parameters: Qwen3-30B-A3B's layer (width 2048, 32 query heads
+#: over 4 of 128, experts of width 768, 8 per token, its vocabulary, untied embeddings) with
+#: 64 experts instead of 128 and 16 layers instead of 48: 5.8B parameters (11.5 GB in bf16),
+#: 1.2B of them read per token at batch 1.
+MOE_SHAPE: dict[str, Any] = {
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 64,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "max_position_embeddings": 4096,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+}
+#: The same kind of model at a size a CPU builds and decodes in seconds (smoke runs only).
+MOE_TINY_SHAPE: dict[str, Any] = {
+    **MOE_SHAPE,
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+    "max_position_embeddings": 512,
+}
+
+
+def random_moe(shape: dict[str, Any], dtype: Any, device: str = "cuda") -> Any:
+    """A ``Qwen3MoeForCausalLM`` of ``shape`` with random weights, built on ``device`` in
+    ``dtype`` (no float32 copy on the way)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(**shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)  # type: ignore[no-untyped-call]
+    return model.eval()

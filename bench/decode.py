@@ -21,8 +21,19 @@ Prints a table and writes JSON (``--out``). GPU rows need a CUDA device and are 
 otherwise; ``--gpu-only`` runs just them (``bench/gpu.sh``), ``--families-only`` just the
 family rows, ``--families a,b`` just those families' rows.
 
+``--moe-gpu`` runs only the mixture-of-experts GPU row (``bench/gpu.sh``): a random-weight
+Qwen3-MoE of 5.8B parameters (``_common.MOE_SHAPE``: 16 layers, 64 experts of which 8 per
+token), bf16, built on the GPU; decode tok/s at batch 1 and 16 through the scheduler and
+decoder, each against the roofline of the bytes a decode step must read: the non-expert
+weights plus the experts the batch's tokens are routed to (distinct experts per layer and
+step counted by hooks on the routers in a ``generate()`` of the same prompts; the uniform
+routing expectation ``E * (1 - (1 - k/E)^b)`` beside it), over the device's HBM bandwidth
+(from its name, or ``--hbm-gbs``). ``--tiny`` builds a small model of the same kind instead,
+which also runs on a CPU (a smoke run of the code path; its figures are not results).
+
     python bench/decode.py [--tokens 64] [--repeats 3] [--threads N] [--gpu-only]
                            [--families-only] [--families mixtral,qwen3_moe]
+                           [--moe-gpu [--tiny] [--hbm-gbs 3350]]
                            [--out bench/out/decode.json]
 """
 
@@ -37,7 +48,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import best, llama3_8b, random_llama, record, write
+from _common import (
+    MOE_SHAPE,
+    MOE_TINY_SHAPE,
+    best,
+    llama3_8b,
+    random_llama,
+    random_moe,
+    record,
+    write,
+)
 from transformers import AutoModelForCausalLM
 
 from tpm_faas.config import BUNDLED_MODELS
@@ -278,6 +298,283 @@ def gpu_rows(tokens: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+#: HBM bandwidth in GB/s from the data sheets, by a piece of the device's name (first match).
+HBM_GBS: tuple[tuple[str, float], ...] = (
+    ("H200", 4800.0),
+    ("H100 NVL", 3900.0),
+    ("H100 PCIe", 2000.0),
+    ("H100", 3350.0),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100", 1555.0),
+)
+
+
+def hbm_gbs(name: str) -> float | None:
+    """The HBM bandwidth (GB/s) of a device named ``name``, if :data:`HBM_GBS` knows it."""
+    return next((gbs for key, gbs in HBM_GBS if key in name), None)
+
+
+def distinct_experts(model: Any, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+    """Experts the decode steps of a greedy ``generate()`` of ``prompts`` (one batch, left
+    padded) are routed to: for each decode step, the number of distinct experts per MoE
+    layer over the batch's tokens. Read from hooks on the models' routers (``*TopKRouter``,
+    whose outputs end with the chosen indices), so this is ``transformers``' routing of the
+    same model and prompts, not a count inside the decoder (which a CUDA graph replays)."""
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    pad = ByteTokenizer().pad_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    if not routers:
+        raise RuntimeError(f"no *TopKRouter module in {type(model).__name__}")
+    chosen: list[list[torch.Tensor]] = [[] for _ in routers]
+
+    def hook(layer: int) -> Callable[..., None]:
+        def record_choice(_m: Any, _a: Any, out: Any) -> None:
+            index = out[-1]
+            if index.shape[0] == batch:  # a decode step (one token per sequence)
+                chosen[layer].append(index.detach().clone())
+
+        return record_choice
+
+    handles = [r.register_forward_hook(hook(i)) for i, r in enumerate(routers)]
+    try:
+        with torch.inference_mode():
+            model.generate(
+                ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    steps = min(len(c) for c in chosen)
+    return [[int(c[s].unique().numel()) for c in chosen] for s in range(steps)]
+
+
+def moe_bytes(model: Any) -> dict[str, Any]:
+    """What a decode step of ``model`` may read, in parameters: the experts (their count per
+    layer, one expert's size, the layers that have them), the input embedding (a step reads
+    only its tokens' rows) and everything else (read whole at every step)."""
+    expert_params = embed_params = total = 0
+    moe_layers: set[str] = set()
+    experts = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if ".experts." in name:
+            expert_params += p.numel()
+            moe_layers.add(name.split(".experts.")[0])
+            experts = p.shape[0]
+        elif p is model.get_input_embeddings().weight:
+            embed_params += p.numel()
+    return {
+        "parameters": total,
+        "expert_parameters": expert_params,
+        "embedding_parameters": embed_params,
+        "non_expert_parameters": total - expert_params - embed_params,
+        "moe_layers": len(moe_layers),
+        "experts": experts,
+        "params_per_expert": expert_params // max(len(moe_layers) * experts, 1),
+        "bytes_per_param": next(model.parameters()).element_size(),
+    }
+
+
+def serve_timed(
+    sched: Scheduler, prompts: list[list[int]], tokens: int
+) -> tuple[float, float, int]:
+    """Serve one request of ``tokens`` new tokens per prompt, all submitted together: (seconds
+    in all, seconds of the decode steps after the first, those steps). Raises if a request
+    failed."""
+    for i, ids in enumerate(prompts):
+        body = {"prompt_ids": [ids], "max_new_tokens": tokens, "stop_at_eos": False}
+        sched.submit(i, str(i), body)
+    t0 = time.perf_counter()
+    out = sched.step()  # every prefill, then the first decode step
+    sync()
+    t1 = time.perf_counter()
+    steps = 0
+    while sched.busy:
+        out += sched.step()
+        steps += 1
+    sync()
+    t2 = time.perf_counter()
+    failed = [r["error"] for _, r in out if not r["ok"]]
+    if failed or len(out) != len(prompts):
+        raise RuntimeError(f"{len(out)} of {len(prompts)} requests answered; {failed[:1]}")
+    return t2 - t0, t2 - t1, steps
+
+
+def sync() -> None:
+    """Wait for the CUDA device, if there is one."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def moe_rows(
+    tokens: int,
+    repeats: int,
+    tiny: bool = False,
+    hbm: float | None = None,
+    batches: tuple[int, ...] = (1, 16),
+) -> dict[str, Any]:
+    """The MoE row: decode tok/s of the random-weight MoE at each batch size through the
+    scheduler and decoder, against the roofline of the bytes each step reads (see the module
+    docstring). On a CUDA device in bf16, on a CPU (``tiny`` only) in fp32; the decode step
+    CUDA-graphed or eager as the decoder chooses by default (eager instead if its capture
+    fails; both recorded)."""
+    if tokens < 3:
+        raise ValueError("--tokens must be at least 3 (prefill, first decode step, then timed)")
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    if not cuda and not tiny:
+        raise SystemExit("the MoE row needs a CUDA device (or --tiny for a CPU smoke run)")
+    shape = MOE_TINY_SHAPE if tiny else MOE_SHAPE
+    dev = "cuda" if cuda else "cpu"
+    model = random_moe(shape, torch.bfloat16 if cuda else torch.float32, dev)
+    sizes = moe_bytes(model)
+    name = torch.cuda.get_device_name(0) if cuda else "CPU"
+    hbm_source = "--hbm-gbs" if hbm is not None else "data sheet, by device name"
+    hbm = hbm if hbm is not None else hbm_gbs(name)
+    copy_gbs = copy_bandwidth(repeats, 1 << 30) / 1e9 if cuda else None
+    print(f"  MoE model built in {time.perf_counter() - t_start:.1f} s: {sizes}", flush=True)
+
+    n_exp, k = shape["num_experts"], shape["num_experts_per_tok"]
+    tok = ByteTokenizer()
+    per_param = sizes["bytes_per_param"]
+    expert_bytes = sizes["params_per_expert"] * per_param
+    prompts_of = {b: [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(b)] for b in batches}
+    # Routing first, on the model as built, before any decoder holds it.
+    t0 = time.perf_counter()
+    routed = {b: distinct_experts(model, prompts_of[b], tokens) for b in batches}
+    print(f"  routing counted in {time.perf_counter() - t0:.1f} s", flush=True)
+    rows = []
+    for batch in batches:
+        prompts, counts = prompts_of[batch], routed[batch]
+        flat = [c for step in counts for c in step]
+        hit = sum(flat) / len(flat)
+        uniform = n_exp * (1 - (1 - k / n_exp) ** batch)
+
+        def step_bytes(experts_hit: float, b: int = batch) -> float:
+            reads = sizes["non_expert_parameters"] + b * shape["hidden_size"]  # embedding rows
+            return (reads + sizes["moe_layers"] * experts_hit * sizes["params_per_expert"]) * (
+                per_param
+            )
+
+        graph_error = None
+        t0 = time.perf_counter()
+        # The decoder's own choice of CUDA-graph decode, as rank 0 serves (recorded).
+        dec = Decoder(model, slots=batch, max_len=512)
+        sched = Scheduler(dec.run_plan, slots=batch, max_len=512)
+        graphs = dec.cuda_graphs
+
+        try:
+            serve_timed(sched, prompts, tokens)  # warm-up: captures the CUDA graph
+        except RuntimeError as e:
+            if not graphs:
+                raise
+            graph_error = f"{type(e).__name__}: {e}"[:500]
+            print(f"  CUDA-graph decode failed, eager instead: {graph_error}", flush=True)
+            graphs = False
+            del dec, sched
+            dec = Decoder(model, slots=batch, max_len=512, cuda_graphs=False)
+            sched = Scheduler(dec.run_plan, slots=batch, max_len=512)
+            serve_timed(sched, prompts, tokens)
+        runs = [serve_timed(sched, prompts, tokens) for _ in range(repeats)]
+        total_s = min(r[0] for r in runs)
+        decode_s, steps = min((r[1], r[2]) for r in runs)
+        print(f"  decode b{batch} timed in {time.perf_counter() - t0:.1f} s", flush=True)
+        rate = batch * steps / decode_s
+        measured_bytes, uniform_bytes = step_bytes(hit), step_bytes(uniform)
+        roof = batch * hbm * 1e9 / measured_bytes if hbm else None
+        rows.append(
+            {
+                "batch": batch,
+                "decode_tok_s": rate,
+                "tok_s_prefill_included": batch * tokens / total_s,
+                "decode_steps_timed": steps,
+                "cuda_graphs": graphs,
+                "cuda_graph_error": graph_error,
+                "experts_hit_per_layer_mean": hit,
+                "experts_hit_per_layer_min": min(flat),
+                "experts_hit_per_layer_max": max(flat),
+                "experts_hit_steps_counted": len(counts),
+                "experts_hit_uniform_expectation": uniform,
+                "bytes_per_step": measured_bytes,
+                "bytes_per_step_uniform": uniform_bytes,
+                "roofline_tok_s": roof,
+                "roofline_uniform_tok_s": batch * hbm * 1e9 / uniform_bytes if hbm else None,
+                "fraction_of_roofline": rate / roof if roof else None,
+                "roofline_copy_bandwidth_tok_s": (
+                    batch * copy_gbs * 1e9 / measured_bytes if copy_gbs else None
+                ),
+            }
+        )
+        del dec, sched
+        if cuda:
+            torch.cuda.empty_cache()
+    return record(
+        "decode_moe",
+        model=(
+            f"Qwen3-MoE shape{' (tiny)' if tiny else ''}, random "
+            f"({sizes['parameters'] / 1e6:,.1f}M; {n_exp} experts, {k} per token)"
+        ),
+        shape=shape,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        device_name=name,
+        hbm_gb_s=hbm,
+        hbm_source=hbm_source if hbm is not None else "unknown device: pass --hbm-gbs",
+        copy_bandwidth_gb_s=copy_gbs,
+        expert_bytes=expert_bytes,
+        tokens=tokens,
+        repeats=repeats,
+        seconds=time.perf_counter() - t_start,
+        **sizes,
+        rows=rows,
+        notes=(
+            "decode_tok_s: batch x decode steps / their seconds, the steps after the first "
+            "(prefills and first step excluded), best of repeats. Roofline: batch x HBM "
+            "bandwidth / bytes per step; bytes per step = (non-expert parameters + the "
+            "batch's embedding rows + MoE layers x distinct experts hit per layer x "
+            "parameters per expert) x bytes per parameter; KV-cache reads left out (at most "
+            "tokens + prompt positions per sequence). Experts hit: counted per layer and "
+            "decode step in transformers' generate() of the same prompts (hooks on the "
+            "routers); uniform expectation E * (1 - (1 - k/E)^batch) beside it."
+        ),
+    )
+
+
+def moe_table(result: dict[str, Any]) -> str:
+    """The MoE row as lines of text."""
+    hbm = result["hbm_gb_s"]
+    lines = [
+        f"{result['model']}, {result['dtype']}, {result['device_name']}: "
+        f"{result['non_expert_parameters'] / 1e6:,.1f}M non-expert parameters (embedding "
+        f"aside), "
+        f"{result['moe_layers']} MoE layers x {result['experts']} experts of "
+        f"{result['params_per_expert'] / 1e6:.2f}M; HBM {hbm} GB/s ({result['hbm_source']})"
+    ]
+    for r in result["rows"]:
+        roof = r["roofline_tok_s"]
+        lines.append(
+            f"  batch {r['batch']:>2}: decode {r['decode_tok_s']:.0f} tok/s "
+            f"({r['tok_s_prefill_included']:.0f} with prefill; "
+            f"{'CUDA graph' if r['cuda_graphs'] else 'eager'}); experts hit per layer "
+            f"{r['experts_hit_per_layer_mean']:.1f} "
+            f"(uniform {r['experts_hit_uniform_expectation']:.1f}), "
+            f"{r['bytes_per_step'] / 1e9:.3f} GB/step; "
+            + (
+                f"roofline {roof:.0f} tok/s, {100 * r['fraction_of_roofline']:.0f}% of it"
+                if roof
+                else "no roofline (unknown HBM bandwidth)"
+            )
+        )
+    return "\n".join(lines)
+
+
 def run(
     tokens: int,
     repeats: int,
@@ -370,7 +667,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--families-only", action="store_true", help="only the family rows (CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
     p.add_argument("--families", default="", help="only these family rows, comma-separated")
+    p.add_argument("--moe-gpu", action="store_true", help="only the MoE GPU row (bench/gpu.sh)")
+    p.add_argument("--tiny", action="store_true", help="MoE row: a tiny model (CPU smoke run)")
+    p.add_argument("--hbm-gbs", type=float, default=None, help="MoE row: HBM bandwidth, GB/s")
     a = p.parse_args(argv)
+    if a.moe_gpu:
+        torch.set_num_threads(a.threads or os.cpu_count() or 1)
+        moe = moe_rows(a.tokens, a.repeats, a.tiny, a.hbm_gbs)
+        print(moe_table(moe))
+        write(moe, a.out)
+        return 0
     only = [f for f in a.families.split(",") if f]
     unknown = sorted(set(only) - set(FAMILY_SHAPES))
     if unknown:

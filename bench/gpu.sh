@@ -37,6 +37,11 @@ python3 -m pytest -q -m gpu --noconftest -p no:cacheprovider -W default "${files
   | tee "$out/gpu-tests.log" || status=1
 python3 bench/decode.py --gpu-only --out "$out/decode-gpu.json" 2>&1 | tee "$out/decode-gpu.log" \
   || status=1
+# The mixture-of-experts row (a random 5.8B Qwen3-MoE, 64 experts of which 8 per token, bf16):
+# decode at batch 1 and 16 against the roofline of the experts each step reads (meant to
+# take under a minute).
+python3 bench/decode.py --moe-gpu --out "$out/decode-moe-gpu.json" 2>&1 \
+  | tee "$out/decode-moe-gpu.log" || status=1
 python3 bench/interventions.py --gpu-only --out "$out/interventions-gpu.json" 2>&1 \
   | tee "$out/interventions-gpu.log" || status=1
 exit $status
