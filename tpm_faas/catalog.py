@@ -4,7 +4,8 @@ A version lives in ``<root>/<name>/<version>/`` as Hugging Face publishes it: ``
 one or many ``*.safetensors`` (with ``model.safetensors.index.json``), the tokenizer files
 (``tokenizer.json``, ``tokenizer_config.json`` with the chat template or
 ``chat_template.jinja``) and ``generation_config.json``; the weights are served as they are
-(bf16, fp16 or fp32, read by shard). Beside them the card, ``tpm_model.json``, written by
+(bf16, fp16 or fp32, read by shard; DeepSeek-V3's and Kimi K2's block-scaled FP8 weights are
+dequantized as they are read). Beside them the card, ``tpm_model.json``, written by
 :func:`import_checkpoint` (``tpm-faas models add``): architecture, parameters, dtype,
 context, tokenizer and chat template, the checkpoint hash, and any registered input adapters
 and output heads (weights in ``extras.safetensors``).
@@ -108,10 +109,14 @@ def card(model_dir: Path) -> dict[str, Any]:
 
 def check_servable(model_dir: Path) -> None:
     """Refuse, before any rank starts, a version the runtime cannot serve: an unsupported
-    architecture (:class:`UnsupportedArchitecture`, listing the supported ones) or no way to
-    tokenize it (:class:`ConfigError`)."""
+    architecture (:class:`UnsupportedArchitecture`, listing the supported ones), a
+    quantization the loader does not read, or no way to tokenize it (:class:`ConfigError`)."""
+    from tpm_faas.runtime.model_store import fp8_block
+
     config = _json(model_dir / "config.json")
-    architecture_of(config, what=f"model {model_dir.parent.name}@{model_dir.name}")
+    what = f"model {model_dir.parent.name}@{model_dir.name}"
+    architecture_of(config, what=what)
+    fp8_block(config, what=what)
     dims(config)
     card(model_dir)
 
@@ -155,9 +160,17 @@ def describe(model_dir: Path, *, tokenizer: str = "auto") -> dict[str, Any]:
     :param tokenizer: ``auto`` (the checkpoint's ``tokenizer.json``, required) or ``bytes``
     :raises UnsupportedArchitecture: the architecture is not served (the message lists those
         that are)
-    :raises ConfigError: a missing or inconsistent file
+    :raises ConfigError: a missing or inconsistent file; weights of another dtype; an FP8
+        checkpoint whose weights lack their block scales, or another quantization (code
+        ``unsupported_quantization`` or ``missing_fp8_scale``)
     """
-    from tpm_faas.runtime.model_store import read_header
+    from tpm_faas.runtime.model_store import (
+        FP8_CARD,
+        FP8_DTYPE,
+        fp8_block,
+        fp8_sources,
+        read_header,
+    )
 
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"{model_dir} has no config.json: not a Hugging Face checkpoint")
@@ -180,22 +193,28 @@ def describe(model_dir: Path, *, tokenizer: str = "auto") -> dict[str, Any]:
         unlisted = sorted(set(weight_map) - set(tensors))
         if unlisted:
             raise ConfigError(f"the index names tensors no file holds: {unlisted[:3]}")
+    # An FP8 weight and its block scales are one parameter (the scales are not counted).
+    what = f"the checkpoint in {model_dir.name}"
+    sources = fp8_sources(tensors, fp8_block(config, what=what), what=what)
     counts: dict[str, int] = {}
     parameters = 0
-    for entry in tensors.values():
+    for source in sources.values():
         n = 1
-        for s in entry.shape:
+        for s in source.shape:
             n *= s
         parameters += n
-        counts[entry.dtype] = counts.get(entry.dtype, 0) + n
+        counts[source.dtype] = counts.get(source.dtype, 0) + n
+    fp8 = counts.pop(FP8_DTYPE, 0)
     floats = {k: v for k, v in counts.items() if k.startswith(("float", "bfloat"))}
     served = set(SERVED_DTYPES.values())
     if not floats or not set(floats) <= served:
         raise ConfigError(
             f"weights in {sorted(floats) or sorted(counts)}: served as they are are "
-            f"{', '.join(sorted(served))}"
+            f"{', '.join(sorted(served))} (and FP8 blocks of 128 x 128 with their scales)"
         )
-    dtype = max(floats, key=lambda k: floats[k])
+    # An FP8 checkpoint is served dequantized to bf16 (the dtype its other weights and its
+    # matmuls are published in).
+    dtype = "bfloat16" if fp8 else max(floats, key=lambda k: floats[k])
     info: dict[str, Any] = {
         "format": CARD_FORMAT,
         "architecture": arch.model_type,
@@ -213,6 +232,8 @@ def describe(model_dir: Path, *, tokenizer: str = "auto") -> dict[str, Any]:
         "tensor_parallel": arch.tensor_parallel,
         "weight_files": len(weights),
     }
+    if fp8:
+        info["quantization"] = FP8_CARD
     info.update(_tokenizer_facts(model_dir, tokenizer, d.vocab_size))
     return info
 
