@@ -18,6 +18,7 @@ from tpm_faas.protocol.requests import WRITE_OPS, InterveneRequest
 from tpm_faas.registry import ModelInfo
 from tpm_faas.runtime.decoder import Decoder
 from tpm_faas.runtime.scheduler import Scheduler
+from tpm_faas.sites import ModelShape
 
 Edit = Callable[[torch.Tensor], torch.Tensor]  # [t, *shape] -> [t, *shape], one sequence
 
@@ -37,6 +38,7 @@ OPEN = Limits(
 def info_of(model: Any) -> ModelInfo:
     """What the gateway would know of ``model`` (any served architecture), from its config."""
     d = dims(model.config.to_dict())
+    m = ModelShape.from_config(model.config.to_dict())
     return ModelInfo(
         name="ref@1",
         hidden_size=d.hidden_size,
@@ -49,6 +51,10 @@ def info_of(model: Any) -> ModelInfo:
         architecture=d.model_type,
         num_heads=d.num_heads,
         head_dim=d.v_head_dim,  # attn.hook_z's (values', under MLA)
+        num_experts=m.num_experts,
+        experts_per_token=m.experts_per_token,
+        moe_layers=list(m.moe_layers),
+        shared_experts=m.shared_experts,
     )
 
 
@@ -73,8 +79,10 @@ def run(
 
 # -- module hooks on the transformers model ------------------------------------------------
 def _modules(model: Any, layer: int, kind: str) -> tuple[Any, str]:
-    """The module and hook type (``pre`` or ``out``) that carries a site in ``transformers``:
-    Llama-shaped models (Llama, Mistral, Qwen2, Qwen3) or GPT-2."""
+    """The module and hook type that carries a site in ``transformers``: ``pre`` or ``out``
+    (``[1, t, *shape]``), ``flat`` (an output ``[t, *shape]``: the experts' sum) or ``gate0``,
+    ``gate1``, ``gate2`` (the router's logits, weights or chosen experts), of Llama-shaped
+    models (Llama, Mistral, Qwen2, Qwen3, the mixtures of experts) or GPT-2."""
     if model.config.model_type != "gpt2":
         core = model.model
         if kind == "embed":
@@ -82,6 +90,14 @@ def _modules(model: Any, layer: int, kind: str) -> tuple[Any, str]:
         if kind == "ln_final":
             return core.norm, "out"
         block = core.layers[layer]
+        if kind.startswith("mlp."):
+            return {
+                "mlp.hook_router_logits": (block.mlp.gate, "gate0"),
+                "mlp.hook_expert_weights": (block.mlp.gate, "gate1"),
+                "mlp.hook_expert_indices": (block.mlp.gate, "gate2"),
+                "mlp.hook_routed_out": (block.mlp.experts, "flat"),
+                "mlp.hook_shared_out": (getattr(block.mlp, "shared_experts", None), "out"),
+            }[kind]
         return {
             "hook_resid_pre": (block, "pre"),
             "attn.hook_z": (block.self_attn.o_proj, "pre"),
@@ -128,7 +144,23 @@ def hooked(model: Any, site: str, edit: Edit) -> Iterator[None]:
             y = y.reshape(y.shape[0], -1)
         return y[None].to(h.dtype)
 
-    if how == "pre":
+    if how.startswith("gate"):  # read only: the routing is the router module's own
+
+        def routed(_m: Any, _args: Any, out: Any) -> Any:
+            logits, weights, experts = out
+            # DeepSeek picks its top-k unsorted: heaviest first, as the runtime returns them.
+            weights, order = torch.sort(weights, dim=-1, descending=True, stable=True)
+            edit([logits, weights, experts.gather(-1, order).float()][int(how[-1])])
+            return out
+
+        handle = mod.register_forward_hook(routed)
+    elif how == "flat":
+
+        def flat(_m: Any, _args: Any, out: torch.Tensor) -> torch.Tensor:
+            return edit(out).to(out.dtype)
+
+        handle = mod.register_forward_hook(flat)
+    elif how == "pre":
 
         def pre(_m: Any, args: Any, kwargs: Any) -> Any:
             if args:

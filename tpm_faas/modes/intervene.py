@@ -29,6 +29,7 @@ from tpm_faas.protocol.requests import (
     WRITE_OPS,
     AblateOp,
     AddOp,
+    DropExpertsOp,
     InterveneRequest,
     LogitLensOp,
     PatchOp,
@@ -42,7 +43,7 @@ from tpm_faas.protocol.requests import (
 )
 from tpm_faas.protocol.shard import InterveneBody
 from tpm_faas.registry import ModelInfo
-from tpm_faas.sites import BLOCK_SITES, ModelShape, Site, parse_site
+from tpm_faas.sites import ALL_BLOCK_SITES, MOE_SITES, ModelShape, Site, parse_site
 from tpm_faas.tokenizer import Tokenizer
 
 LENS_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
@@ -57,6 +58,10 @@ def model_shape(model: ModelInfo) -> ModelShape:
         num_heads=model.num_heads,
         head_dim=model.head_dim,
         vocab_size=model.vocab_size,
+        num_experts=model.num_experts,
+        experts_per_token=model.experts_per_token,
+        moe_layers=tuple(model.moe_layers),
+        shared_experts=model.shared_experts,
     )
 
 
@@ -88,16 +93,30 @@ def expand(
 
 
 def resolve_sites(site: str, layers: Any, m: ModelShape, where: str) -> list[Site]:
-    """The sites an op's ``site`` and ``layers`` denote."""
-    if site in BLOCK_SITES:
+    """The sites an op's ``site`` and ``layers`` denote (``'*'`` of a MoE site: the layers
+    that have it)."""
+    if site in ALL_BLOCK_SITES:
         if layers is None:
             raise RequestError(
                 f"{where}: block site {site!r} needs 'layers' (a list, range or '*')"
             )
-        return [Site(i, site) for i in expand(layers, m.num_layers, "layer", where)]
+        if site in MOE_SITES and layers == "*":
+            picked = [i for i in range(m.num_layers) if site in m.block_sites(i)]
+            if not picked:
+                # The same message as a named layer would get (dense, or no shared expert).
+                layers = [m.moe_layers[0] if m.moe_layers else 0]
+            else:
+                return [Site(i, site) for i in picked]
+        out = []
+        for i in expand(layers, m.num_layers, "layer", where):
+            try:
+                out.append(parse_site(f"blocks.{i}.{site}", m))
+            except RequestError as e:
+                raise RequestError(f"{where}: {e.message}") from None
+        return out
     if layers is not None:
         raise RequestError(
-            f"{where}: 'layers' goes with a block site ({', '.join(BLOCK_SITES)}), "
+            f"{where}: 'layers' goes with a block site ({', '.join(ALL_BLOCK_SITES)}), "
             f"not with {site!r}"
         )
     try:
@@ -222,6 +241,11 @@ class _Spec:
         if op.op in WRITE_OPS and not lim.write:
             raise PolicyDenied(f"{where}: your group may read hidden states but not write them")
         sites = resolve_sites(op.site, op.layers, m, where)
+        if op.op in WRITE_OPS and sites[0].read_only:
+            raise RequestError(
+                f"{where}: {sites[0].kind!r} is read only (the routing's outcome); write "
+                "mlp.hook_router_logits, or drop experts there, to change it"
+            )
         for s in sites:
             if not any(fnmatch.fnmatchcase(s.name, pat) for pat in lim.allowed_sites):
                 raise PolicyDenied(f"{where}: hook site {s.name!r} is not allowed for your group")
@@ -338,6 +362,20 @@ class _Spec:
             if not per_head:
                 raise RequestError(f"{where}: 'scale_heads' acts on attn.hook_z only")
             norm["scale"] = op.scale
+        elif isinstance(op, DropExpertsOp):
+            if sites[0].kind != "mlp.hook_router_logits":
+                raise RequestError(f"{where}: 'drop_experts' acts on mlp.hook_router_logits")
+            experts = sorted(set(op.experts))
+            if experts[-1] >= m.num_experts:
+                raise RequestError(
+                    f"{where}: expert {experts[-1]} is out of range (there are {m.num_experts})"
+                )
+            if len(experts) > m.num_experts - m.experts_per_token:
+                raise RequestError(
+                    f"{where}: dropping {len(experts)} of {m.num_experts} experts leaves fewer "
+                    f"than the {m.experts_per_token} each token is routed to"
+                )
+            norm["experts"] = experts
         self.sites.update(s.name for s in sites)
         self.ops.append(norm)
 

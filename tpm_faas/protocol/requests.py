@@ -306,12 +306,25 @@ class LogitLensOp(_SiteOp):
     top_k: int = Field(default=5, ge=1, le=50)
 
 
+class DropExpertsOp(_SiteOp):
+    """Knock ``experts`` out of a mixture of experts' routing at the chosen layers, prompts
+    and positions (and generated tokens with ``generation``): their router logits become
+    ``-inf``, so no token there chooses them and the routing is renormalised over the other
+    experts as the architecture routes (softmax then top-k; DeepSeek's sigmoid scores, groups
+    and top-k). At least ``top_k`` experts must remain."""
+
+    op: Literal["drop_experts"]
+    site: str = Field(default="mlp.hook_router_logits", max_length=64)
+    layers: LayerSelector | None = "*"
+    experts: list[Annotated[int, Field(ge=0, le=65535)]] = Field(min_length=1, max_length=4096)
+
+
 InterventionOp = Annotated[
-    SaveOp | SetOp | AddOp | AblateOp | PatchOp | ScaleHeadsOp | LogitLensOp,
+    SaveOp | SetOp | AddOp | AblateOp | PatchOp | ScaleHeadsOp | LogitLensOp | DropExpertsOp,
     Field(discriminator="op"),
 ]
 #: Ops that write hidden states (they need the policy's write permission).
-WRITE_OPS = frozenset({"set", "add", "ablate", "patch", "scale_heads"})
+WRITE_OPS = frozenset({"set", "add", "ablate", "patch", "scale_heads", "drop_experts"})
 
 
 class InterveneRequest(_Prompted):

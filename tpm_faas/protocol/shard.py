@@ -76,7 +76,9 @@ class NormalOp(_Body):
     """One intervention op as the gateway normalised it: explicit sites, prompts, positions
     (non-negative, per prompt) and heads; tensors by name in the body's ``tensors``."""
 
-    op: Literal["save", "set", "add", "ablate", "patch", "scale_heads", "logit_lens"]
+    op: Literal[
+        "save", "set", "add", "ablate", "patch", "scale_heads", "logit_lens", "drop_experts"
+    ]
     sites: list[str] = Field(min_length=1)
     prompts: list[Index]
     positions: list[list[Index]]
@@ -88,6 +90,7 @@ class NormalOp(_Body):
     method: Literal["zero", "mean"] | None = None
     source: Index | None = None
     source_positions: list[Index] | None = None
+    experts: list[Index] | None = None
 
 
 class InterveneBody(_Sampling):

@@ -31,19 +31,26 @@ A mixture of experts (Mixtral, Qwen3-MoE, DeepSeek-V3) differs from a dense mode
 block's ``mlp``: ``transformers`` makes it the sparse MoE block (router, top-k, the experts'
 fused 3-D weights; DeepSeek's shared experts), or a dense MLP in Qwen3-MoE's
 ``mlp_only_layers`` and off its ``decoder_sparse_step``, and in DeepSeek's first
-``first_k_dense_replace`` layers. :meth:`Arch.mlp` calls that module as it is, so
+``first_k_dense_replace`` layers. :meth:`Arch.mlp` runs a dense MLP as it is, and a MoE block
+step by step over its own parameters (:mod:`tpm_faas.runtime.moe`: the router's logits, the
+chosen experts and their weights, the routed and shared outputs are hook sites), so
 ``hook_mlp_out`` is the MoE block's output (the weighted sum of the chosen experts, plus the
 shared experts').
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from tpm_faas.architectures import DYNAMIC_ROPE, architecture_of
 from tpm_faas.errors import UnsupportedArchitecture
+from tpm_faas.runtime import moe
+from tpm_faas.sites import Site
+
+Tap = Callable[[Site, torch.Tensor], torch.Tensor]
 
 
 def byte_llama_config(**shape: Any) -> Any:
@@ -110,6 +117,7 @@ class Arch:
         dummy = torch.empty(1, dtype=self.dtype, device=self.device)
         cos, sin = core.rotary_emb(dummy, positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        self._find_moe()
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``ids`` and their ``positions`` ``[b, t]`` → ``[b, t, d]``."""
@@ -152,10 +160,25 @@ class Arch:
         out: torch.Tensor = self.blocks[i].self_attn.o_proj(z.reshape(b, t, -1))
         return out
 
-    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, i: int, x: torch.Tensor, tap: Tap | None = None) -> torch.Tensor:
+        """The block's MLP on the residual ``x``: a dense MLP as the model's module runs it,
+        a MoE block through :func:`tpm_faas.runtime.moe.forward` (with its sites)."""
         block = self.blocks[i]
-        out: torch.Tensor = block.mlp(block.post_attention_layernorm(x))
+        h = block.post_attention_layernorm(x)
+        if i in self.moe_layers:
+            return moe.forward(block.mlp, self.moe_kind, h, tap, i)
+        out: torch.Tensor = block.mlp(h)
         return out
+
+    def _find_moe(self) -> None:
+        """The MoE layers (:attr:`moe_layers`), their routing (:attr:`moe_kind`), experts
+        and experts per token."""
+        self.moe_layers = frozenset(i for i, b in enumerate(self.blocks) if moe.is_moe(b.mlp))
+        self.moe_kind, self.num_experts, self.top_k = "", 0, 0
+        if self.moe_layers:
+            gate = self.blocks[min(self.moe_layers)].mlp.gate
+            self.moe_kind = moe.router_kind(str(self.model.config.model_type))
+            self.num_experts, self.top_k = int(gate.weight.shape[0]), int(gate.top_k)
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.final_norm(x)
@@ -230,6 +253,7 @@ class DeepseekV3Arch(Arch):
         dummy = torch.empty(1, dtype=self.dtype, device=self.device)
         cos, sin = core.rotary_emb(dummy, positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, qk_rope_head_dim]
+        self._find_moe()
 
     def qkv(
         self, i: int, x: torch.Tensor, rope: Any
@@ -287,6 +311,7 @@ class GPT2Arch(Arch):
         self._wte, self._wpe = core.wte, core.wpe
         self.q_heads = self.kv_heads = int(cfg.n_head)
         self.d_model = int(cfg.n_embd)
+        self._find_moe()
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self._wte(ids) + self._wpe(positions)
@@ -313,7 +338,7 @@ class GPT2Arch(Arch):
         out: torch.Tensor = self.blocks[i].attn.c_proj(z.reshape(b, t, -1))
         return out
 
-    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, i: int, x: torch.Tensor, tap: Tap | None = None) -> torch.Tensor:
         block = self.blocks[i]
         out: torch.Tensor = block.mlp(block.ln_2(x))
         return out

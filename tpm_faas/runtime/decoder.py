@@ -53,7 +53,7 @@ from tpm_faas.runtime.interventions import (
     lens_tables,
     saved_values,
 )
-from tpm_faas.sites import BLOCK_SITES, Site
+from tpm_faas.sites import BLOCK_SITES, MOE_SITES, READ_ONLY_SITES, Site
 
 #: CUDA graphs a decoder keeps (one per batch bucket and set of intervention sites).
 MAX_GRAPHS = 32
@@ -102,7 +102,10 @@ class Decoder:
         self.v_cache = torch.zeros((*shape, self.v_head_dim), dtype=self.dtype, device=self.device)
         self._arange = torch.arange(max_len, device=self.device)
         self._sites = [tuple(Site(i, k) for k in BLOCK_SITES) for i in range(self.n_layers)]
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # A mixture of experts runs the experts its tokens chose (data-dependent shapes, host
+        # synchronisation): no CUDA graph captures that loop, so its decode runs eagerly.
+        default_graphs = self.device.type == "cuda" and not arch.moe_layers
+        self.cuda_graphs = default_graphs if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, frozenset[Site], frozenset[Site]], _Graph] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.iv = SlotInterventions(slots, self.device, self.dtype)
@@ -113,9 +116,25 @@ class Decoder:
         """This rank's per-token shape of ``site`` (its own heads for ``attn.hook_z``)."""
         if site.per_head:
             return [self.q_heads, self.v_head_dim]
+        if site.kind == "mlp.hook_router_logits":
+            return [self.arch.num_experts]
+        if site.kind in READ_ONLY_SITES:
+            return [self.arch.top_k]
         if site.kind == "unembed":
             return [int(self.arch.lm_head.weight.shape[0])]
         return [self.arch.d_model]
+
+    def has_site(self, site: Site) -> bool:
+        """Whether this model has block site ``site`` (MoE sites at MoE layers only)."""
+        if not 0 <= site.layer < self.n_layers:
+            return False
+        if site.kind in BLOCK_SITES:
+            return True
+        if site.layer not in self.arch.moe_layers:
+            return False
+        if site.kind == "mlp.hook_shared_out":
+            return getattr(self.arch.blocks[site.layer].mlp, "shared_experts", None) is not None
+        return site.kind in MOE_SITES
 
     @torch.inference_mode()
     def run_plan(self, plan: dict[str, Any]) -> Any:
@@ -146,6 +165,7 @@ class Decoder:
                 site_shape=self.site_shape,
                 stash={},
                 n_layers=self.n_layers,
+                has_site=self.has_site,
             )
             self._requests[key] = (compiler, {})
         compiler, programs = self._requests[key]
@@ -345,7 +365,7 @@ class Decoder:
             x = x + a
             if tap is not None:
                 x = tap(mid, x)
-            m = arch.mlp(i, x)
+            m = arch.mlp(i, x, tap)
             if tap is not None:
                 m = tap(mlp_site, m)
             x = x + m

@@ -4,9 +4,10 @@ The gateway (:mod:`tpm_faas.modes.intervene`) has already checked and priced the
 it is compiled, on every rank, into a :class:`Program` per prompt:
 
 * **prompt (prefill) actions**, per site in op order: writes (``set``, ``add``, ``ablate``,
-  ``patch``, ``scale_heads``) are indexed tensor ops on the site's activations; reads
-  (``save``, the logit lens, a ``patch`` source) copy the selected rows into buffers allocated
-  when the program is compiled (pinned host memory, filled on a side stream, on CUDA);
+  ``patch``, ``scale_heads``, ``drop_experts``: a ``-inf`` router logit) are indexed tensor
+  ops on the site's activations; reads (``save``, the logit lens, a ``patch`` source) copy
+  the selected rows into buffers allocated when the program is compiled (pinned host memory,
+  filled on a side stream, on CUDA);
 * **generation actions** (ops with ``generation: true``): every write op is an affine map
   ``x * m + a`` of one token's activations, so a slot's writes at a site compose into one
   ``(m, a)`` pair held in preallocated per-slot buffers (:class:`SlotInterventions`). The
@@ -28,7 +29,7 @@ import torch
 
 from tpm_faas.errors import RequestError, TensorError
 from tpm_faas.protocol import codec
-from tpm_faas.sites import BLOCK_SITES, GLOBAL_SITES, Site
+from tpm_faas.sites import ALL_BLOCK_SITES, BLOCK_SITES, GLOBAL_SITES, Site
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -39,7 +40,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 Tap = Callable[[Site, torch.Tensor], torch.Tensor]
-SITE_KINDS = frozenset((*BLOCK_SITES, *GLOBAL_SITES))
+SITE_KINDS = frozenset((*ALL_BLOCK_SITES, *GLOBAL_SITES))
 
 
 def decode_tensor(payload: dict[str, Any]) -> torch.Tensor:
@@ -216,9 +217,11 @@ class Compiler:
         site_shape: Callable[[Site], list[int]],
         stash: dict[tuple[int, Site], torch.Tensor],
         n_layers: int,
+        has_site: Callable[[Site], bool] | None = None,
     ) -> None:
         self.spec = spec
         self.n_layers = n_layers
+        self.has_site = has_site or (lambda s: s.kind in BLOCK_SITES and 0 <= s.layer < n_layers)
         self.heads = heads
         self.device, self.dtype = device, dtype
         self.site_shape = site_shape
@@ -257,10 +260,19 @@ class Compiler:
         for k, op in enumerate(self.spec["ops"]):
             for name in op["sites"]:
                 site = site_of(name)
-                in_blocks = site.kind in BLOCK_SITES
-                layer_ok = 0 <= site.layer < self.n_layers if in_blocks else site.layer == -1
-                if site.kind not in SITE_KINDS or not layer_ok:
+                if site.kind in GLOBAL_SITES:
+                    ok = site.layer == -1
+                else:
+                    ok = site.kind in SITE_KINDS and self.has_site(site)
+                if not ok:
                     raise RequestError(f"ops[{k}]: no hook site {name!r} in this model")
+                if op["op"] == "drop_experts":
+                    n = self.site_shape(site)[-1]
+                    experts = op.get("experts") or []
+                    if site.kind != "mlp.hook_router_logits" or not experts:
+                        raise RequestError(f"ops[{k}]: drop_experts acts on router logits")
+                    if any(not 0 <= e < n for e in experts):
+                        raise RequestError(f"ops[{k}]: an expert is out of range (there are {n})")
             heads = op.get("heads") or []
             if any(not 0 <= h < self.heads.total for h in heads):
                 raise RequestError(f"ops[{k}]: a head is out of range")
@@ -340,6 +352,9 @@ class Compiler:
             elif kind == "patch":
                 src = self.stash[(k, site)]
                 new = src if hsel is None else src.index_select(1, hsel)
+            elif kind == "drop_experts":  # never chosen: the routing passes over them
+                experts = torch.tensor(op["experts"], device=cur.device)
+                new = cur.index_fill(-1, experts, float("-inf"))
             else:
                 raise RequestError(f"unknown intervention op {kind!r}")
             if hsel is not None:
@@ -466,6 +481,9 @@ def _compose(m: torch.Tensor, a: torch.Tensor, w: _GenWrite, mean: torch.Tensor 
     elif kind == "ablate":
         mm = torch.zeros_like(mm)
         aa = torch.zeros_like(aa) if mean is None else mean.to(aa.dtype).expand_as(aa).clone()
+    elif kind == "drop_experts":  # x * m + (-inf): the logit of a dropped expert, every step
+        experts = torch.tensor(w.op["experts"], device=aa.device)
+        aa = aa.index_fill(-1, experts, float("-inf"))
     else:
         raise RequestError(f"{kind!r} does not act on generated tokens")
     if w.heads is None:
