@@ -49,10 +49,15 @@ SUPPORTED: dict[str, Architecture] = {
         Architecture("qwen3", "Qwen3"),
         # AutoTP refuses GPT-2's fused Conv1D attention.
         Architecture("gpt2", "GPT-2", tensor_parallel=False, gpt2_keys=True),
-        # Mixtures of experts: served at tp=1 until expert parallelism (AutoTP does not shard
-        # the fused 3-D expert parameters of transformers 5).
-        Architecture("mixtral", "Mixtral", tensor_parallel=False),
-        Architecture("qwen3_moe", "Qwen3-MoE", tensor_parallel=False),
+        # Mixtures of experts: AutoTP shards Mixtral's and Qwen3-MoE's attention and dense
+        # MLPs and leaves the fused 3-D expert parameters of transformers 5 whole; expert
+        # parallelism (--ep) splits those. DeepSeek's multi-head latent attention stays at
+        # tp=1 (--ep spreads its experts): the runtime counts a rank's heads under AutoTP on
+        # q_proj, which MLA with a query rank lacks, no test holds MLA at tp=2 to tp=1, and
+        # the latent shared by every head (q_a_proj, kv_a_proj_with_mqa, the planned latent
+        # cache) would be computed and held whole on every rank anyway.
+        Architecture("mixtral", "Mixtral"),
+        Architecture("qwen3_moe", "Qwen3-MoE"),
         Architecture("deepseek_v3", "DeepSeek-V3", tensor_parallel=False, mla=True),
         Architecture(
             "kimi_k2",
@@ -223,8 +228,8 @@ def moe_of(config: dict[str, Any]) -> Moe | None:
                 tuple(range(n_layers)),
                 False,
             )
-        if arch.model_type == "qwen3_moe":
-            n = int(config.get("num_experts") or 0)
+        if arch.model_type == "qwen3_moe":  # published: num_experts; transformers 5 saves
+            n = int(config.get("num_experts") or config.get("num_local_experts") or 0)
             step = int(config.get("decoder_sparse_step") or 1)
             dense = set(config.get("mlp_only_layers") or [])
             layers = tuple(
@@ -234,7 +239,7 @@ def moe_of(config: dict[str, Any]) -> Moe | None:
         if arch.model_type in ("deepseek_v3", "kimi_k2"):
             first = int(config.get("first_k_dense_replace") or 0)
             return Moe(
-                int(config["n_routed_experts"]),
+                int(config.get("n_routed_experts") or config["num_local_experts"]),
                 int(config["num_experts_per_tok"]),
                 tuple(range(first, n_layers)),
                 int(config.get("n_shared_experts") or 0) > 0,

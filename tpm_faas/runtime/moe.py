@@ -19,13 +19,15 @@ The routing, per architecture (:data:`ROUTERS`):
 * ``mixtral``: softmax over the experts (fp32), top-k, the k weights renormalised to sum 1;
 * ``qwen3_moe``: the same, renormalised only with ``norm_topk_prob``;
 * ``deepseek_v3`` (and Kimi K2): sigmoid scores; the choice adds ``e_score_correction_bias``
-  and is limited to the ``topk_group`` groups of experts whose two best choices score highest;
+  and is limited to the ``topk_group`` groups of experts whose two best choices score highest
+  (with experts dropped: the best two left; a group with none left is never kept);
   the weights are the chosen experts' scores (without the bias), renormalised with
   ``norm_topk_prob``, times ``routed_scaling_factor``.
 
 An expert whose logit is ``-inf`` is never chosen (the op ``drop_experts`` puts it there): the
 softmax gives it no mass and top-k passes over it; DeepSeek's choice masks it before the group
-and top-k selection. So dropping experts renormalises the routing over the others exactly as
+and top-k selection (should the kept groups hold fewer than ``top_k`` experts left, the
+remaining picks have weight 0: a dropped expert never contributes). So dropping experts renormalises the routing over the others exactly as
 the architecture routes. Chosen experts are returned heaviest first.
 
 **Expert parallelism.** :func:`install` replaces each MoE block's ``mlp`` by
@@ -87,8 +89,13 @@ def _route_deepseek(gate: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torc
     n_experts, groups = gate.num_experts, gate.num_group
     scores = logits.sigmoid()
     choice = scores + gate.e_score_correction_bias
-    choice = choice.masked_fill(torch.isneginf(logits), float("-inf"))  # dropped experts
-    group_scores = choice.view(-1, groups, n_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
+    dropped = torch.isneginf(logits)
+    choice = choice.masked_fill(dropped, float("-inf"))
+    # A group scores the sum of its two best choices; with experts dropped, of the best two
+    # it has left (one: that one; none: -inf). Without drops this is the plain sum.
+    best = choice.view(-1, groups, n_experts // groups).topk(2, dim=-1)[0]
+    group_scores = best.masked_fill(torch.isneginf(best), 0.0).sum(dim=-1)
+    group_scores = group_scores.masked_fill(torch.isneginf(best[..., 0]), float("-inf"))
     group_idx = torch.topk(group_scores, k=gate.topk_group, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_scores)
     group_mask.scatter_(1, group_idx, 1)
