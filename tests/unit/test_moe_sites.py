@@ -60,7 +60,7 @@ def _route_one(kind: str, gate: Any, row: torch.Tensor) -> tuple[list[float], li
         choice[torch.isneginf(row)] = float("-inf")  # a dropped expert is never chosen
         per = n // gate.num_group
         left = [
-            sorted((c for c in choice[g * per : (g + 1) * per].tolist() if c > -1e30))[::-1]
+            sorted(c for c in choice[g * per : (g + 1) * per].tolist() if c > -1e30)[::-1]
             for g in range(gate.num_group)
         ]  # each group's experts left, best first: the group scores its best two
         group_score = [sum(c[:2]) if c else float("-inf") for c in left]

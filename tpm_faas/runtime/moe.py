@@ -27,8 +27,9 @@ The routing, per architecture (:data:`ROUTERS`):
 An expert whose logit is ``-inf`` is never chosen (the op ``drop_experts`` puts it there): the
 softmax gives it no mass and top-k passes over it; DeepSeek's choice masks it before the group
 and top-k selection (should the kept groups hold fewer than ``top_k`` experts left, the
-remaining picks have weight 0: a dropped expert never contributes). So dropping experts renormalises the routing over the others exactly as
-the architecture routes. Chosen experts are returned heaviest first.
+remaining picks have weight 0: a dropped expert never contributes). So dropping experts
+renormalises the routing over the others exactly as the architecture routes. Chosen experts
+are returned heaviest first.
 
 **Expert parallelism.** :func:`install` replaces each MoE block's ``mlp`` by
 :class:`MoEBlock` (the same parameter names) and, with ``ep_size > 1``, gives rank ``r`` the
