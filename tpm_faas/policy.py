@@ -83,7 +83,8 @@ class Limits(_Frozen):
     group_requests_per_min: int | None = Field(default=None, ge=1, description="whole group")
     group_tokens_per_min: int | None = Field(default=None, ge=1, description="whole group")
     max_concurrent: int | None = Field(default=None, ge=1, description="per identity")
-    #: Intervention ops allowed; writes (set, add, ablate, patch, scale_heads) also need ``write``.
+    #: Intervention ops allowed; writes (set, add, ablate, patch, scale_heads, drop_experts)
+    #: also need ``write``.
     allowed_ops: list[str] = ["save", "logit_lens"]
     #: Hook sites allowed, as shell-style patterns of canonical names (``blocks.*.hook_resid_*``).
     allowed_sites: list[str] = ["*"]
