@@ -1,7 +1,9 @@
 """Start, watch and stop shard groups through Parsl: the only module that imports parsl.
 
-A shard group is ``tp_size`` long-running Parsl tasks (one per rank) on one block of a Parsl
-provider. Where the block runs is an :class:`Allocation`: the machine itself
+A shard group is ``max(tp_size, ep_size)`` long-running Parsl tasks (one per rank) on one block
+of a Parsl provider: tensor parallelism (DeepSpeed AutoTP) and, for a mixture of experts, expert
+parallelism (the routed experts split over the ranks) over the same ranks
+(:func:`check_parallel`). Where the block runs is an :class:`Allocation`: the machine itself
 (``LocalProvider``), or a batch job on a Slurm or PBS Pro cluster (``SlurmProvider``,
 ``PBSProProvider``), on the provider's allocation or on one a user owns ("bring your own").
 The ranks stay warm until :meth:`ShardGroup.stop`, which also ends the batch job.
@@ -16,6 +18,7 @@ on every change of phase and every :data:`REPORT_EVERY_S` seconds.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -164,12 +167,80 @@ class Allocation:
         )
 
 
+#: The mixtures of experts, whose routed experts expert parallelism spreads.
+_MOE = ("mixtral", "qwen3_moe", "deepseek_v3", "kimi_k2")
+
+
+def routed_experts(config: dict[str, Any]) -> int:
+    """The routed experts of each MoE layer of a supported ``config.json`` (0 for a dense
+    model, or a mixture of experts configured without MoE layers)."""
+    from tpm_faas.architectures import moe_of
+
+    moe = moe_of(config)
+    return moe.num_experts if moe is not None and moe.layers else 0
+
+
+def check_parallel(name: str, model_dir: Path, tp_size: int, ep_size: int = 1) -> int:
+    """Check a shard group's layout from ``config.json`` alone, before any rank starts;
+    returns the group's size, ``max(tp_size, ep_size)`` ranks.
+
+    ``tp_size`` and ``ep_size`` are each 1 or the group's size: attention and dense layers
+    are split by DeepSpeed AutoTP over every rank (tp > 1) or replicated (tp = 1), and the
+    routed experts of a mixture of experts are split evenly over every rank (ep > 1; rank
+    ``r`` holds experts ``[r * E / ep, (r + 1) * E / ep)``) or replicated (ep = 1).
+
+    :raises ConfigError: a size below 1, sizes that are neither 1 nor the group's, ep > 1 for
+        a dense model or one that does not divide the routed experts, tp > 1 for an
+        architecture AutoTP does not shard (:func:`tpm_faas.runtime.model_store.check_tp`),
+        or an architecture the runtime does not serve
+    """
+    from tpm_faas.architectures import architecture_of
+    from tpm_faas.runtime.model_store import check_tp
+
+    for flag, value in (("tp", tp_size), ("ep", ep_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name}: {flag}={value!r}: must be a number of ranks, 1 or more")
+    size = max(tp_size, ep_size)
+    if tp_size not in (1, size) or ep_size not in (1, size):
+        raise ConfigError(
+            f"{name}: tp={tp_size} with ep={ep_size}: each must be 1 or the group's size "
+            f"({size} ranks)"
+        )
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = architecture_of(config, what=name)
+    experts = routed_experts(config)
+    if ep_size > 1 and not experts:
+        raise ConfigError(
+            f"{name} is a {arch.model_type} model, which has no experts to spread; serve it "
+            f"with ep=1 (expert parallelism: {', '.join(_MOE)})"
+        )
+    if ep_size > 1 and experts % ep_size:
+        raise ConfigError(
+            f"{name} has {experts} routed experts per layer, which ep={ep_size} does not "
+            "divide; use an ep that divides it"
+        )
+    if tp_size > 1 and experts and not arch.tensor_parallel:
+        raise ConfigError(
+            f"{name} is a {arch.model_type} model, whose attention DeepSpeed AutoTP does not "
+            f"shard; serve it with tp=1 (--ep {tp_size} spreads its experts over "
+            f"{tp_size} ranks)"
+        )
+    check_tp(name, model_dir, tp_size)
+    return size
+
+
+def layout(tp_size: int, ep_size: int) -> str:
+    """``tp=2`` or ``tp=2, ep=2``: a group's layout in messages (ep only when it is > 1)."""
+    return f"tp={tp_size}" + (f", ep={ep_size}" if ep_size > 1 else "")
+
+
 @dataclass
 class ShardGroup:
-    """One shard group of ``model`` over ``tp_size`` ranks.
+    """One shard group of ``model`` over ``max(tp_size, ep_size)`` ranks
+    (:func:`check_parallel`).
 
     :param model: ``name@version``
-    :param tp_size: tensor-parallel ranks (CPU ranks use gloo)
+    :param tp_size: tensor-parallel ranks (CPU ranks use gloo): 1 or the group's size
     :param settings: where the model roots and the registry are
     :param run_dir: Parsl's run directory (logs, submit scripts)
     :param dtype: ``float32`` or ``bfloat16``
@@ -180,6 +251,8 @@ class ShardGroup:
     :param start_timeout_s: seconds from when the job runs until the group serves
     :param queue_timeout_s: seconds the job may wait in the scheduler's queue (``None``: no
         limit)
+    :param ep_size: expert-parallel ranks of a mixture of experts (its routed experts split
+        evenly over them): 1 or the group's size
     """
 
     model: str
@@ -193,6 +266,7 @@ class ShardGroup:
     replica: str = ""
     start_timeout_s: float = START_TIMEOUT_S
     queue_timeout_s: float | None = None
+    ep_size: int = 1
     _dfk: Any = field(default=None, init=False, repr=False)
     _executor: Any = field(default=None, init=False, repr=False)
     #: The scheduler's ids of the group's batch jobs (Parsl blocks), once submitted.
@@ -225,18 +299,10 @@ class ShardGroup:
         from parsl.dataflow.dflow import DataFlowKernel
         from parsl.executors import HighThroughputExecutor
 
-        from tpm_faas.catalog import check_servable, resolve
-        from tpm_faas.runtime.model_store import check_tp
         from tpm_faas.runtime.rank import serve_rank
 
-        if self.tp_size < 1:
-            raise ShardGroupError("tp_size must be at least 1")
-        nodes = self.allocation.nodes
-        if self.tp_size % nodes:
-            raise ConfigError(f"tp={self.tp_size} ranks do not spread evenly over {nodes} nodes")
-        model_dir = resolve(self.model, self.settings.model_roots)
-        check_servable(model_dir)
-        check_tp(self.model, model_dir, self.tp_size)
+        model_dir = self.check()
+        size, nodes = self.size, self.allocation.nodes
         registry = Registry(self.settings.registry_dir)
         registry.unregister(self.model, replica=self.replica)  # left by a group that died
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +311,7 @@ class ShardGroup:
             label=f"shards-{self.model.replace('@', '-')}",
             address=self.allocation.address,
             loopback_address="127.0.0.1",
-            max_workers_per_node=self.tp_size // nodes,  # ranks per node
+            max_workers_per_node=size // nodes,  # ranks per node
             cores_per_worker=0.01,  # ranks are placed by us, not by Parsl's core count
             heartbeat_period=5,
             heartbeat_threshold=30,
@@ -262,7 +328,7 @@ class ShardGroup:
         )
         _say(
             progress,
-            f"starting {self.tp_size} rank(s) of {self.model} through Parsl on "
+            f"starting {size} rank(s) of {self.model} ({self.layout}) through Parsl on "
             f"{self.allocation.describe()}",
         )
         self._dfk = DataFlowKernel(config)
@@ -281,8 +347,9 @@ class ShardGroup:
                 max_batch=self.max_batch,
                 max_wait_ms=self.max_wait_ms,
                 replica=self.replica,
+                ep_size=self.ep_size,
             )
-            for rank in range(self.tp_size)
+            for rank in range(size)
         ]
         watch = _StartWatch(self, rendezvous, progress, load_limit, queue_limit)
         while True:
@@ -305,7 +372,7 @@ class ShardGroup:
                 self.entry = entry
                 _say(
                     progress,
-                    f"{self.model} is serving at {entry.address} (tp={self.tp_size}"
+                    f"{self.model} is serving at {entry.address} ({self.layout}"
                     f"{', job ' + ', '.join(self.job_ids) if self.job_ids else ''}; "
                     f"{watch.elapsed()})",
                 )
@@ -317,6 +384,32 @@ class ShardGroup:
                 self._cleanup()
                 raise ShardGroupError(failure)
             time.sleep(0.2)
+
+    def check(self) -> Path:
+        """Refuse, before any rank starts, a model this site cannot serve or a layout it cannot
+        serve it in (:func:`check_parallel`, ranks spread evenly over the nodes); returns the
+        version's directory."""
+        from tpm_faas.catalog import check_servable, resolve
+
+        model_dir = resolve(self.model, self.settings.model_roots)
+        check_servable(model_dir)
+        size = check_parallel(self.model, model_dir, self.tp_size, self.ep_size)
+        nodes = self.allocation.nodes
+        if size % nodes:
+            raise ConfigError(
+                f"{size} ranks ({self.layout}) do not spread evenly over {nodes} nodes"
+            )
+        return model_dir
+
+    @property
+    def size(self) -> int:
+        """The group's ranks: ``max(tp_size, ep_size)``."""
+        return max(self.tp_size, self.ep_size)
+
+    @property
+    def layout(self) -> str:
+        """``tp=2`` or ``tp=2, ep=2`` (for messages)."""
+        return layout(self.tp_size, self.ep_size)
 
     def job_state(self) -> str:
         """``queued``, ``running`` or ``unknown``: the batch job's state as Parsl last polled it
@@ -350,6 +443,8 @@ class ShardGroup:
             "host": e.host if e else None,
             "pid": e.pid if e else None,
             "tp": self.tp_size,
+            "ep": self.ep_size,
+            "size": self.size,
             "job_ids": list(self.job_ids),
             "ranks": list(self.ranks),
             "allocation": self.allocation.describe(),
@@ -374,7 +469,7 @@ class ShardGroup:
 
     def restart(self, *, timeout_s: float | None = None, progress: Any = None) -> GroupEntry:
         """Stop what is left of the group (a dead rank stalls the others) and start it anew."""
-        _say(progress, f"restarting {self.model} (tp={self.tp_size})")
+        _say(progress, f"restarting {self.model} ({self.layout})")
         self.stop(timeout_s=10.0)
         return self.start(timeout_s=timeout_s, progress=progress)
 
@@ -428,6 +523,7 @@ class ReplicaSet:
     max_wait_ms: float = 0.0
     start_timeout_s: float = START_TIMEOUT_S
     queue_timeout_s: float | None = None
+    ep_size: int = 1
     groups: dict[str, ShardGroup] = field(default_factory=dict)
 
     def scale(self, n: int, *, progress: Any = None) -> list[GroupEntry]:
@@ -457,6 +553,7 @@ class ReplicaSet:
                 replica=name,
                 start_timeout_s=self.start_timeout_s,
                 queue_timeout_s=self.queue_timeout_s,
+                ep_size=self.ep_size,
             )
             _say(progress, f"scaling out: starting replica {name} of {self.model}")
             group.start(progress=progress)
@@ -538,10 +635,10 @@ class _StartWatch:
                     "(the queue timeout)"
                 )
         else:
-            if joined < g.tp_size:
-                phase = f"job {jobs} running: {joined}/{g.tp_size} ranks started"
+            if joined < g.size:
+                phase = f"job {jobs} running: {joined}/{g.size} ranks started ({g.layout})"
             else:
-                phase = f"{g.tp_size} rank(s) loading weights"
+                phase = f"{g.size} rank(s) loading weights ({g.layout})"
             if now - self.running_since > self.load_limit:
                 return (
                     f"{g.model} did not serve within {self.load_limit:.0f} s of its job "

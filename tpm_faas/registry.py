@@ -57,7 +57,9 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class GroupEntry:
-    """A registered shard group."""
+    """A registered shard group: ``max(tp_size, ep_size)`` ranks (:attr:`size`), tensor
+    parallel over all of them when ``tp_size > 1``, a mixture of experts' routed experts split
+    over all of them when ``ep_size > 1``."""
 
     model: ModelInfo
     address: str
@@ -68,6 +70,12 @@ class GroupEntry:
     versions: dict[str, str] = field(default_factory=dict)
     replica: str = ""
     heartbeat_at: float = 0.0
+    ep_size: int = 1
+
+    @property
+    def size(self) -> int:
+        """The group's ranks."""
+        return max(self.tp_size, self.ep_size)
 
     def fresh(self, now: float | None = None) -> bool:
         """Whether the group's last heartbeat is recent (entries without one count as fresh)."""

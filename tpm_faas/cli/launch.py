@@ -51,6 +51,14 @@ def _timeouts(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("model", default="demo-tpm@1")
 @click.option("--tp", "tp_size", default=1, show_default=True, help="Tensor-parallel ranks.")
 @click.option(
+    "--ep",
+    "ep_size",
+    default=1,
+    show_default=True,
+    help="Expert-parallel ranks of a mixture of experts (its routed experts split evenly over "
+    "them); the group has max(tp, ep) ranks, and tp and ep are each 1 or that size.",
+)
+@click.option(
     "--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True
 )
 @click.option(
@@ -80,6 +88,7 @@ def _timeouts(f: Callable[..., Any]) -> Callable[..., Any]:
 def launch(
     model: str,
     tp_size: int,
+    ep_size: int,
     dtype: str,
     max_batch: int,
     max_wait_ms: float,
@@ -100,6 +109,7 @@ def launch(
         "max_wait_ms": max_wait_ms,
         "start_timeout_s": start_timeout,
         "queue_timeout_s": queue_timeout,
+        "ep_size": ep_size,
     }
     if replicas is None:
         serve_group(model, tp_size, dtype, allocation, as_json=as_json, **kw)
@@ -161,6 +171,7 @@ def deploy(
         as_json=as_json,
         start_timeout_s=start_timeout,
         queue_timeout_s=queue_timeout,
+        ep_size=spec.get("ep", 1),
     )
 
 
@@ -182,9 +193,11 @@ def serve_replicas(
     import signal
 
     from tpm_faas.config import Settings
-    from tpm_faas.launcher import ReplicaSet
+    from tpm_faas.launcher import ReplicaSet, ShardGroup
 
     settings = Settings.from_env()
+    layout = {k: v for k, v in kw.items() if k == "ep_size"}
+    ShardGroup(model, tp_size, settings, Path(), allocation=allocation, **layout).check()
     rs = ReplicaSet(
         model,
         tp_size,
@@ -235,7 +248,7 @@ def serve_group(
     import signal
 
     from tpm_faas.config import Settings
-    from tpm_faas.launcher import ShardGroup
+    from tpm_faas.launcher import ShardGroup, layout
 
     settings = Settings.from_env()
     group = ShardGroup(
@@ -247,6 +260,7 @@ def serve_group(
         allocation=allocation,
         **kw,
     )
+    group.check()  # a model or layout it cannot serve: one line, before anything starts
     # Block the signals first: sigwait below takes them, and a signal during start-up
     # still tears the group down.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -257,7 +271,7 @@ def serve_group(
         else:
             click.echo(
                 f"{model} serving at {entry.address} on {entry.host} (pid {entry.pid}, "
-                f"tp={tp_size}; {allocation.describe()}); Ctrl-C stops it",
+                f"{layout(tp_size, group.ep_size)}; {allocation.describe()}); Ctrl-C stops it",
             )
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:

@@ -92,16 +92,17 @@ def render(
 
 
 def shard_group_spec(text: str) -> dict[str, Any]:
-    """A rendered ``shard_group.yaml``: model, tp, dtype and a checked allocation."""
+    """A rendered ``shard_group.yaml``: model, tp, ep, dtype and a checked allocation."""
     from tpm_faas.launcher import Allocation
 
     raw = yaml.safe_load(text) or {}
-    unknown = set(raw) - {"model", "tp", "dtype", "allocation"}
+    unknown = set(raw) - {"model", "tp", "ep", "dtype", "allocation"}
     if unknown:
         raise ConfigError(f"shard group spec: unknown keys {sorted(unknown)}")
     return {
         "model": str(raw["model"]),
         "tp": int(raw.get("tp", 1)),
+        "ep": int(raw.get("ep", 1)),
         "dtype": str(raw.get("dtype", "float32")),
         "allocation": Allocation.from_dict(dict(raw.get("allocation") or {})),
     }

@@ -45,9 +45,13 @@ def serve_rank(
     max_batch: int = 8,
     max_wait_ms: float = 0.0,
     replica: str = "",
+    ep_size: int = 1,
 ) -> dict[str, Any]:
-    """Run rank ``rank`` of a group of ``tp_size``; returns a summary when the group stops.
+    """Run rank ``rank`` of a group of ``max(tp_size, ep_size)`` ranks; returns a summary when
+    the group stops.
 
+    :param tp_size: tensor-parallel ranks (1 or the group's size)
+    :param ep_size: expert-parallel ranks of a mixture of experts (1 or the group's size)
     :param rendezvous_dir: where the group's ranks meet (see :mod:`.rendezvous`)
     :param max_batch: sequences decoded together at most (KV-cache slots)
     :param max_wait_ms: how long a request may wait for others to batch with while the group
@@ -55,7 +59,8 @@ def serve_rank(
     """
     from tpm_faas.runtime.rendezvous import placement
 
-    where = placement(Path(rendezvous_dir), rank, tp_size)
+    size = max(tp_size, ep_size)
+    where = placement(Path(rendezvous_dir), rank, size)
     # torch.distributed's env:// rendezvous and DeepSpeed read the placement from the environment.
     set_process_env(where.env())
     from tpm_faas.runtime.prebuild import use_prebuilt_ops
@@ -77,12 +82,14 @@ def serve_rank(
     if dtype == "float32" and not torch.cuda.is_available():
         # DeepSpeed's CPU shared-memory all-reduce segfaults in fp32 on CPUs without AVX-512.
         deepspeed.comm.comm.cdb.shm_vector_kernel_level = 0
-    runner = ModelRunner.load(model, Path(model_dir), dtype=dtype, tp_size=tp_size)
-    memory = _gather_memory(runner.weight_bytes, tp_size)  # before the KV cache is allocated
+    runner = ModelRunner.load(model, Path(model_dir), dtype=dtype, tp_size=tp_size, ep_size=ep_size)
+    memory = _gather_memory(runner.weight_bytes, size)  # before the KV cache is allocated
     runner.attach_decoder(slots=max_batch)
     served = 0
     if rank == 0:
-        rank0 = _Rank0(runner, tp_size, max_batch, max_wait_ms / 1000, memory, replica)
+        rank0 = _Rank0(
+            runner, tp_size, max_batch, max_wait_ms / 1000, memory, replica, ep_size=ep_size
+        )
         served = rank0.serve(Registry(Path(registry_dir)))
     else:
         while True:
@@ -102,8 +109,9 @@ def serve_rank(
     return {"rank": rank, "served": served}
 
 
-def _gather_memory(weight_bytes: int, tp_size: int) -> list[dict[str, Any]]:
-    """Every rank's pid, peak resident memory and checkpoint bytes read, after loading."""
+def _gather_memory(weight_bytes: int, size: int) -> list[dict[str, Any]]:
+    """Every rank's pid, peak resident memory and checkpoint bytes read, after loading
+    (``size``: the group's ranks)."""
     import resource
 
     import torch
@@ -115,10 +123,10 @@ def _gather_memory(weight_bytes: int, tp_size: int) -> list[dict[str, Any]]:
         device=rank_device(),
     )
     every = [mine]
-    if tp_size > 1:
+    if size > 1:
         import torch.distributed as dist
 
-        every = [torch.zeros_like(mine) for _ in range(tp_size)]
+        every = [torch.zeros_like(mine) for _ in range(size)]
         dist.all_gather(every, mine)
     return [
         {
@@ -156,11 +164,16 @@ class _Rank0:
         max_wait_s: float,
         memory: list[dict[str, Any]],
         replica: str = "",
+        *,
+        ep_size: int = 1,
     ) -> None:
         from tpm_faas.runtime.scheduler import Scheduler
 
         self.runner = runner
         self.tp_size = tp_size
+        self.ep_size = ep_size
+        #: The group's ranks, which every model call is broadcast to.
+        self.size = max(tp_size, ep_size)
         self.max_wait_s = max_wait_s
         self.scheduler = Scheduler(
             self._collective,
@@ -175,7 +188,7 @@ class _Rank0:
 
     def _collective(self, msg: dict[str, Any]) -> Any:
         """Run ``msg`` on every rank (broadcast first); return rank 0's result."""
-        if self.tp_size > 1:
+        if self.size > 1:
             _recv_broadcast(msg)
         return _execute(self.runner, msg)
 
@@ -191,6 +204,7 @@ class _Rank0:
             model=info,
             address=self.address,
             tp_size=self.tp_size,
+            ep_size=self.ep_size,
             pid=os.getpid(),
             host=socket.gethostname(),
             started_at=time.time(),
@@ -200,7 +214,9 @@ class _Rank0:
         )
         registry.register(entry)
         next_beat = time.monotonic() + HEARTBEAT_S
-        log.info("serving %s at %s (tp=%d)", info.name, self.address, self.tp_size)
+        log.info(
+            "serving %s at %s (tp=%d, ep=%d)", info.name, self.address, self.tp_size, self.ep_size
+        )
         try:
             while True:
                 if self._drain(sock):
@@ -259,7 +275,7 @@ class _Rank0:
             if op == "shutdown":
                 for key, reply in self.scheduler.abort("the shard group is shutting down"):
                     sock.send_multipart([key, b"", _dumps(reply)])
-                if self.tp_size > 1:
+                if self.size > 1:
                     _recv_broadcast(msg)
                 result = {"served": self.served}
                 sock.send_multipart([ident, b"", _dumps({"ok": True, "result": result})])
@@ -283,6 +299,8 @@ class _Rank0:
             result = {
                 "model": self.runner.info.name,
                 "tp_size": self.tp_size,
+                "ep_size": self.ep_size,
+                "size": self.size,
                 "served": self.served,
                 "address": self.address,
                 "running": self.scheduler.running,

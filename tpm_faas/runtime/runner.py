@@ -1,13 +1,15 @@
 """The model of one rank: loading its shard, the serving decoder, and embed.
 
 Every rank of a shard group runs the same calls with the same inputs in the same order
-(tensor-parallel layers all-reduce inside the forward pass), so every rank computes the same
-result; rank 0 returns it. Inputs here were validated and normalised by the gateway; this
+(tensor-parallel layers all-reduce inside the forward pass, and so do a mixture of experts'
+blocks under expert parallelism, :mod:`tpm_faas.runtime.moe`), so every rank computes the
+same result; rank 0 returns it. Inputs here were validated and normalised by the gateway; this
 module still checks what it indexes.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,10 +44,21 @@ class LinearExtra:
 
 
 class ModelRunner:
-    """A loaded model (possibly a tensor-parallel shard) and its registered extras."""
+    """A loaded model (possibly a tensor- or expert-parallel shard) and its registered extras.
+
+    :param tp_size: tensor-parallel ranks (1: attention and dense layers whole on this rank)
+    :param ep_size: expert-parallel ranks (1: every routed expert on this rank)
+    """
 
     def __init__(
-        self, model: Any, info: ModelInfo, extras: dict[str, LinearExtra], *, weight_bytes: int = 0
+        self,
+        model: Any,
+        info: ModelInfo,
+        extras: dict[str, LinearExtra],
+        *,
+        weight_bytes: int = 0,
+        tp_size: int = 1,
+        ep_size: int = 1,
     ) -> None:
         self.model = model
         self.info = info
@@ -56,22 +69,34 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         #: Bytes of checkpoint this rank read (its shard plus the replicated tensors).
         self.weight_bytes = weight_bytes
+        self.tp_size, self.ep_size = tp_size, ep_size
 
     @classmethod
-    def load(cls, name: str, model_dir: Path, *, dtype: str, tp_size: int) -> ModelRunner:
-        """Load ``model_dir`` and wrap it with DeepSpeed inference (AutoTP over ``tp_size``)."""
+    def load(
+        cls, name: str, model_dir: Path, *, dtype: str, tp_size: int, ep_size: int = 1
+    ) -> ModelRunner:
+        """Load ``model_dir`` as this rank's share of a group of ``max(tp_size, ep_size)``
+        ranks: DeepSpeed AutoTP over the ranks when ``tp_size > 1`` (whole layers at 1), and a
+        mixture of experts' blocks run by :mod:`tpm_faas.runtime.moe`, each rank holding
+        ``1 / ep_size`` of the routed experts (:func:`tpm_faas.launcher.check_parallel`)."""
         require("deepspeed", "runtime")
         require("transformers", "runtime")
         import deepspeed
         from transformers import AutoModelForCausalLM
 
-        model_store.check_tp(name, model_dir, tp_size)
+        from tpm_faas.launcher import check_parallel, routed_experts
+
+        size = check_parallel(name, model_dir, tp_size, ep_size)
+        world = _world_size()
+        if size != world:
+            raise RuntimeError(f"a group of {size} ranks loaded in a world of {world}")
         config = model_store.hf_config(model_dir)
         # Built on the meta device: AutoTP gives each layer its local shape, then only this
         # rank's rows or columns are read from the checkpoint (model_store.load_shard).
         with torch.device("meta"):
             model: Any = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
         model.eval()
+        # tp_size 1 in a world of several ranks (expert parallelism alone) shards nothing.
         engine = deepspeed.init_inference(
             model,
             tensor_parallel={"tp_size": tp_size},
@@ -80,7 +105,15 @@ class ModelRunner:
         )
         module: Any = engine.module
         rank = _this_rank()
-        weight_bytes = model_store.load_shard(module, model_dir, rank=rank, tp_size=tp_size)
+        raw_config = json.loads((model_dir / "config.json").read_text())
+        if routed_experts(raw_config):
+            from tpm_faas.runtime import moe
+
+            # The MoE blocks under their own parameter names; under EP each rank's fused
+            # expert parameters shrink to its share, which load_shard then reads alone.
+            moe.install(module, rank=rank, ep_size=ep_size)
+        # Every rank's local shapes are gathered: tp_size there is the group's size.
+        weight_bytes = model_store.load_shard(module, model_dir, rank=rank, tp_size=size)
         # Buffers are not in the checkpoint: rebuild the rotary tables for real.
         core = module.base_model
         if hasattr(core, "rotary_emb"):
@@ -101,7 +134,9 @@ class ModelRunner:
                     b = tensors.get(f"{kind}.{ename}.bias")
                     extras[f"{kind}.{ename}"] = LinearExtra(w, None if b is None else b.float())
         info = catalog.model_info(name, model_dir, dtype=dtype)
-        return cls(module, info, extras, weight_bytes=weight_bytes)
+        return cls(
+            module, info, extras, weight_bytes=weight_bytes, tp_size=tp_size, ep_size=ep_size
+        )
 
     # -- query: the serving decoder (batched by the scheduler on rank 0) --------------------
     def attach_decoder(self, *, slots: int, max_len: int | None = None) -> Decoder:
@@ -114,16 +149,17 @@ class ModelRunner:
             slots=slots,
             max_len=min(max_len or 1 << 30, self.info.max_positions),
             heads=self._heads(),
-            gather_heads=_gather_heads,
+            gather_heads=_gather_heads if self.tp_size > 1 else None,
             rank=_this_rank(),
         )
         return self.decoder
 
     def _heads(self) -> Heads:
-        """This rank's share of the attention heads (AutoTP gives each rank a contiguous run)."""
+        """This rank's share of the attention heads (AutoTP gives each rank a contiguous run;
+        every head on every rank at tp=1, whatever the group's size)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if self.tp_size == 1 or not (dist.is_available() and dist.is_initialized()):
             return Heads(0, self.info.num_heads, self.info.num_heads)
         attn: Any = self.model.base_model.layers[0].self_attn  # Llama (see check_tp)
         mine = int(attn.q_proj.weight.shape[0]) // self.info.head_dim
@@ -218,6 +254,13 @@ def _gather_heads(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local)
     return torch.cat([p[..., :n, :] for p, n in zip(parts, sizes, strict=True)], dim=-2).cpu()
+
+
+def _world_size() -> int:
+    """The ranks of this process's group (1 when torch.distributed is not started)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _this_rank() -> int:
