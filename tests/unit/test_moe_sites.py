@@ -13,18 +13,22 @@ vectorised one (:mod:`tpm_faas.runtime.moe`). Then the gateway's checks of MoE s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from _families import random_model
+from _families import random_model, save_checkpoint
 from _reference import OPEN, hooked, info_of, normalise, reference_generate, run
+from click.testing import CliRunner
 from test_families_exact import one_thread  # noqa: F401 (the autouse fixture, here too)
 from test_interventions_exact import ATOL, PROMPT, RTOL, TOK, _edit, _intervene, _saved
 
+from tpm_faas.cli import main
 from tpm_faas.client import decode_array, encode_array
 from tpm_faas.errors import PolicyDenied, RequestError
 from tpm_faas.modes import MODES
@@ -265,6 +269,20 @@ def _admit(model: Any, ops: list[dict[str, Any]], **limits: Any) -> dict[str, An
     req = InterveneRequest.model_validate({"model": "ref@1", "prompt": PROMPT, "ops": ops})
     lim = OPEN.model_copy(update=limits) if limits else OPEN
     return MODES["intervene"].admit(req, info_of(model), lim).body
+
+
+def test_sites_command_lists_the_router_and_experts(tmp_path: Path) -> None:
+    directory = save_checkpoint(random_model("deepseek_v3"), tmp_path / "ds")
+    out = CliRunner().invoke(main, ["sites", str(directory)])
+    assert out.exit_code == 0, out.output
+    assert "a mixture of 8 experts, 3 per token, at layers 1-2, beside a shared expert" in (
+        out.output
+    )
+    assert "blocks.1.mlp.hook_router_logits" in out.output
+    assert "blocks.0.mlp.hook_router_logits" not in out.output
+    js = json.loads(CliRunner().invoke(main, ["sites", str(directory), "--json"]).output)
+    assert js["shape"]["moe_layers"] == [1, 2]
+    assert {"site": "blocks.2.mlp.hook_expert_weights", "shape": [3]} in js["sites"]
 
 
 def test_moe_sites_exist_at_moe_layers_only() -> None:

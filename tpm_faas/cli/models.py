@@ -116,6 +116,7 @@ def _card_text(model: str, card: dict[str, object]) -> str:
         "family",
         "parameters",
         "dtype",
+        "quantization",
         "context_length",
         "layers",
         "hidden_size",
@@ -183,6 +184,15 @@ def sites(model: str, prompt: str | None, as_json: bool) -> None:
         f"{model}: {shape.architecture}, {shape.num_layers} layers, d_model {shape.hidden_size}, "
         f"{shape.num_heads} heads x {shape.head_dim}, vocab {shape.vocab_size}"
     )
+    if shape.moe_layers:
+        layers = shape.moe_layers
+        span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+        if list(layers) != list(range(layers[0], layers[-1] + 1)):
+            span = ", ".join(map(str, layers))
+        click.echo(
+            f"  a mixture of {shape.num_experts} experts, {shape.experts_per_token} per token, "
+            f"at layers {span}" + (", beside a shared expert" if shape.shared_experts else "")
+        )
     width = max(len(r["site"]) for r in rows)
     for r in rows:
         click.echo(f"  {r['site']:<{width}}  {r['shape']}")
