@@ -347,3 +347,31 @@ def test_knock_outs_are_writes_for_the_policy() -> None:
         "blocks.2.mlp.hook_router_logits",
     ]
     assert body["ops"][0]["experts"] == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moe_sites_and_knock_outs_on_cuda_equal_the_cpu(family: str) -> None:
+    """On a GPU (eager MoE decode) the routing read, a knock-out while generating and the
+    tokens equal the same request on the CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device: the MoE block on CUDA")
+    model = random_model(family)
+    ops = [
+        {"op": "save", "site": "mlp.hook_expert_indices", "layers": "*", "generation": True},
+        {"op": "save", "site": "mlp.hook_routed_out", "layers": "*"},
+        {"op": "drop_experts", "experts": [1], "generation": True},
+    ]
+    req = {"prompt": PROMPT, "ops": ops, "max_new_tokens": NEW, "stop_at_eos": False}
+    cpu = _intervene(_decoder(model), model, req)["results"][0]
+    gpu_model = random_model(family).cuda()  # the same seeded weights
+    gpu = _intervene(_decoder(gpu_model), gpu_model, req)["results"][0]
+    assert gpu["token_ids"] == cpu["token_ids"]
+    for name, entry in cpu["saved"].items():
+        np.testing.assert_allclose(
+            decode_array(gpu["saved"][name]["tensor"]),
+            decode_array(entry["tensor"]),
+            atol=1e-4,
+            rtol=1e-3,
+            err_msg=name,
+        )
