@@ -375,3 +375,40 @@ def test_moe_sites_and_knock_outs_on_cuda_equal_the_cpu(family: str) -> None:
             rtol=1e-3,
             err_msg=name,
         )
+
+
+def test_knock_outs_of_one_request_add_up_per_layer() -> None:
+    """Two knock-outs that together leave fewer than top_k experts at a layer are refused
+    (each alone would pass); at different layers they are not."""
+    ds = random_model("deepseek_v3")  # 8 experts, 3 per token: at most 5 dropped per layer
+    first = {"op": "drop_experts", "layers": [1], "experts": [0, 1, 2]}
+    with pytest.raises(RequestError, match=r"dropping 6 of 8 experts at blocks\.1"):
+        _admit(ds, [first, {"op": "drop_experts", "experts": [3, 4, 5]}])
+    body = _admit(ds, [first, {"op": "drop_experts", "layers": [2], "experts": [3, 4, 5]}])
+    assert [o["sites"] for o in body["ops"]] == [
+        ["blocks.1.mlp.hook_router_logits"],
+        ["blocks.2.mlp.hook_router_logits"],
+    ]
+    named = _admit(
+        ds, [{"op": "drop_experts", "site": "blocks.2.mlp.hook_router_logits", "experts": [7]}]
+    )
+    assert named["ops"][0]["sites"] == ["blocks.2.mlp.hook_router_logits"]
+
+
+def test_a_deepseek_knock_out_emptying_groups_weighs_nothing_outside_them() -> None:
+    """Dropping one expert of every group leaves each group one: the kept groups hold fewer
+    than top_k experts, and the remaining picks weigh nothing (as the reference routes)."""
+    model = random_model("deepseek_v3")  # 4 groups of 2 experts, 2 groups kept, 3 per token
+    ids = TOK.encode(PROMPT)
+    layer, drop = 1, [1, 3, 5, 7]
+    ops = [
+        {"op": "drop_experts", "layers": [layer], "experts": drop},
+        {"op": "save", "site": f"blocks.{layer}.mlp.hook_expert_weights"},
+        {"op": "save", "site": "unembed"},
+    ]
+    got = _saved(_intervene(_decoder(model), model, {"prompt": PROMPT, "ops": ops}))
+    weights = got[f"blocks.{layer}.mlp.hook_expert_weights"]
+    assert (weights[:, -1] == 0).all() and (weights[:, :2] > 0).all()
+    with edited_router(model, layer, _drop(drop, lambda t: list(range(t)))), torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    np.testing.assert_allclose(got["unembed"], ref.numpy(), atol=ATOL * 10, rtol=RTOL)

@@ -161,6 +161,8 @@ class _Spec:
         self.saves: dict[tuple[int, str], dict[str, Any]] = {}
         #: Per prompt, the JSON size of each of its logit-lens rows (in no particular order).
         self.lens: dict[int, list[int]] = {}
+        #: Experts knocked out per MoE layer, over every drop_experts op of the request.
+        self.dropped: dict[str, set[int]] = {}
 
     def out_bytes(self) -> int:
         """The most the result's ``output`` may count as ``bytes_returned``::
@@ -240,7 +242,10 @@ class _Spec:
             raise PolicyDenied(f"{where}: the {op.op!r} operation is not allowed for your group")
         if op.op in WRITE_OPS and not lim.write:
             raise PolicyDenied(f"{where}: your group may read hidden states but not write them")
-        sites = resolve_sites(op.site, op.layers, m, where)
+        layers = op.layers
+        if isinstance(op, DropExpertsOp) and layers is None and op.site in ALL_BLOCK_SITES:
+            layers = "*"  # a knock-out names its layers, or acts at every MoE layer
+        sites = resolve_sites(op.site, layers, m, where)
         if op.op in WRITE_OPS and sites[0].read_only:
             raise RequestError(
                 f"{where}: {sites[0].kind!r} is read only (the routing's outcome); write "
@@ -370,11 +375,15 @@ class _Spec:
                 raise RequestError(
                     f"{where}: expert {experts[-1]} is out of range (there are {m.num_experts})"
                 )
-            if len(experts) > m.num_experts - m.experts_per_token:
-                raise RequestError(
-                    f"{where}: dropping {len(experts)} of {m.num_experts} experts leaves fewer "
-                    f"than the {m.experts_per_token} each token is routed to"
-                )
+            for s in sites:  # with the request's other knock-outs at the same layer
+                union = self.dropped.setdefault(s.name, set())
+                union.update(experts)
+                if len(union) > m.num_experts - m.experts_per_token:
+                    raise RequestError(
+                        f"{where}: dropping {len(union)} of {m.num_experts} experts at "
+                        f"{s.name} leaves fewer than the {m.experts_per_token} each token is "
+                        "routed to"
+                    )
             norm["experts"] = experts
         self.sites.update(s.name for s in sites)
         self.ops.append(norm)

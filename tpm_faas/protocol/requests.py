@@ -311,11 +311,11 @@ class DropExpertsOp(_SiteOp):
     and positions (and generated tokens with ``generation``): their router logits become
     ``-inf``, so no token there chooses them and the routing is renormalised over the other
     experts as the architecture routes (softmax then top-k; DeepSeek's sigmoid scores, groups
-    and top-k). At least ``top_k`` experts must remain."""
+    and top-k). Without ``layers``, every MoE layer. At least ``top_k`` experts must remain
+    at a layer, over all of a request's knock-outs."""
 
     op: Literal["drop_experts"]
     site: str = Field(default="mlp.hook_router_logits", max_length=64)
-    layers: LayerSelector | None = "*"
     experts: list[Annotated[int, Field(ge=0, le=65535)]] = Field(min_length=1, max_length=4096)
 
 

@@ -257,6 +257,7 @@ class Compiler:
 
     def _check(self) -> None:
         """What this module indexes is checked again here, whoever sent the spec."""
+        dropped: dict[Site, set[int]] = {}
         for k, op in enumerate(self.spec["ops"]):
             for name in op["sites"]:
                 site = site_of(name)
@@ -266,6 +267,8 @@ class Compiler:
                     ok = site.kind in SITE_KINDS and self.has_site(site)
                 if not ok:
                     raise RequestError(f"ops[{k}]: no hook site {name!r} in this model")
+                if site.read_only and op["op"] not in ("save",):
+                    raise RequestError(f"ops[{k}]: {name!r} is read only")
                 if op["op"] == "drop_experts":
                     n = self.site_shape(site)[-1]
                     experts = op.get("experts") or []
@@ -273,6 +276,13 @@ class Compiler:
                         raise RequestError(f"ops[{k}]: drop_experts acts on router logits")
                     if any(not 0 <= e < n for e in experts):
                         raise RequestError(f"ops[{k}]: an expert is out of range (there are {n})")
+                    union = dropped.setdefault(site, set())
+                    union.update(experts)
+                    if (
+                        len(union)
+                        > n - self.site_shape(Site(site.layer, "mlp.hook_expert_indices"))[0]
+                    ):
+                        raise RequestError(f"ops[{k}]: too many experts dropped at {name!r}")
             heads = op.get("heads") or []
             if any(not 0 <= h < self.heads.total for h in heads):
                 raise RequestError(f"ops[{k}]: a head is out of range")

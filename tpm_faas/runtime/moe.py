@@ -106,6 +106,9 @@ def _route_deepseek(gate: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torc
     choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
     idx = torch.topk(choice, k=gate.top_k, dim=-1, sorted=False)[1]
     weights = scores.gather(1, idx)
+    # Should the kept groups hold fewer than top_k experts left, the rest of the picks are
+    # -inf ties (any expert): they weigh nothing. Without drops this changes nothing.
+    weights = weights.masked_fill(torch.isneginf(choice.gather(1, idx)), 0.0)
     if gate.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = weights * gate.routed_scaling_factor
