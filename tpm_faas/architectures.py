@@ -29,6 +29,8 @@ class Architecture:
     :param served_as: the ``transformers`` ``model_type`` that serves it, for a ``model_type``
         ``transformers`` does not know (Kimi K2's ``kimi_k2`` is DeepSeek-V3's architecture)
     :param model_class: the ``architectures`` entry such a config must name
+    :param moe: a mixture of experts (:func:`moe_of`), whose routed experts expert
+        parallelism spreads
     """
 
     model_type: str
@@ -38,6 +40,7 @@ class Architecture:
     mla: bool = False
     served_as: str | None = None
     model_class: str | None = None
+    moe: bool = False
 
 
 SUPPORTED: dict[str, Architecture] = {
@@ -56,9 +59,9 @@ SUPPORTED: dict[str, Architecture] = {
         # q_proj, which MLA with a query rank lacks, no test holds MLA at tp=2 to tp=1, and
         # the latent shared by every head (q_a_proj, kv_a_proj_with_mqa, the planned latent
         # cache) would be computed and held whole on every rank anyway.
-        Architecture("mixtral", "Mixtral"),
-        Architecture("qwen3_moe", "Qwen3-MoE"),
-        Architecture("deepseek_v3", "DeepSeek-V3", tensor_parallel=False, mla=True),
+        Architecture("mixtral", "Mixtral", moe=True),
+        Architecture("qwen3_moe", "Qwen3-MoE", moe=True),
+        Architecture("deepseek_v3", "DeepSeek-V3", tensor_parallel=False, mla=True, moe=True),
         Architecture(
             "kimi_k2",
             "Kimi K2",
@@ -66,6 +69,7 @@ SUPPORTED: dict[str, Architecture] = {
             mla=True,
             served_as="deepseek_v3",
             model_class="DeepseekV3ForCausalLM",
+            moe=True,
         ),
     )
 }

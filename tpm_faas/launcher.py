@@ -34,6 +34,7 @@ from tpm_faas._extras import require
 from tpm_faas.config import Settings
 from tpm_faas.errors import ConfigError, ShardGroupError, TPMError
 from tpm_faas.registry import GroupEntry, Registry
+from tpm_faas.runtime.model_store import check_parallel
 from tpm_faas.shard_client import ShardClient
 
 log = logging.getLogger(__name__)
@@ -165,68 +166,6 @@ class Allocation:
             launcher=launcher,
             **blocks,
         )
-
-
-#: The mixtures of experts, whose routed experts expert parallelism spreads.
-_MOE = ("mixtral", "qwen3_moe", "deepseek_v3", "kimi_k2")
-
-
-def routed_experts(config: dict[str, Any]) -> int:
-    """The routed experts of each MoE layer of a supported ``config.json`` (0 for a dense
-    model, or a mixture of experts configured without MoE layers)."""
-    from tpm_faas.architectures import moe_of
-
-    moe = moe_of(config)
-    return moe.num_experts if moe is not None and moe.layers else 0
-
-
-def check_parallel(name: str, model_dir: Path, tp_size: int, ep_size: int = 1) -> int:
-    """Check a shard group's layout from ``config.json`` alone, before any rank starts;
-    returns the group's size, ``max(tp_size, ep_size)`` ranks.
-
-    ``tp_size`` and ``ep_size`` are each 1 or the group's size: attention and dense layers
-    are split by DeepSpeed AutoTP over every rank (tp > 1) or replicated (tp = 1), and the
-    routed experts of a mixture of experts are split evenly over every rank (ep > 1; rank
-    ``r`` holds experts ``[r * E / ep, (r + 1) * E / ep)``) or replicated (ep = 1).
-
-    :raises ConfigError: a size below 1, sizes that are neither 1 nor the group's, ep > 1 for
-        a dense model or one that does not divide the routed experts, tp > 1 for an
-        architecture AutoTP does not shard (:func:`tpm_faas.runtime.model_store.check_tp`),
-        or an architecture the runtime does not serve
-    """
-    from tpm_faas.architectures import architecture_of
-    from tpm_faas.runtime.model_store import check_tp
-
-    for flag, value in (("tp", tp_size), ("ep", ep_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name}: {flag}={value!r}: must be a number of ranks, 1 or more")
-    size = max(tp_size, ep_size)
-    if tp_size not in (1, size) or ep_size not in (1, size):
-        raise ConfigError(
-            f"{name}: tp={tp_size} with ep={ep_size}: each must be 1 or the group's size "
-            f"({size} ranks)"
-        )
-    config = json.loads((model_dir / "config.json").read_text())
-    arch = architecture_of(config, what=name)
-    experts = routed_experts(config)
-    if ep_size > 1 and not experts:
-        raise ConfigError(
-            f"{name} is a {arch.model_type} model, which has no experts to spread; serve it "
-            f"with ep=1 (expert parallelism: {', '.join(_MOE)})"
-        )
-    if ep_size > 1 and experts % ep_size:
-        raise ConfigError(
-            f"{name} has {experts} routed experts per layer, which ep={ep_size} does not "
-            "divide; use an ep that divides it"
-        )
-    if tp_size > 1 and experts and not arch.tensor_parallel:
-        raise ConfigError(
-            f"{name} is a {arch.model_type} model, whose attention DeepSpeed AutoTP does not "
-            f"shard; serve it with tp=1 (--ep {tp_size} spreads its experts over "
-            f"{tp_size} ranks)"
-        )
-    check_tp(name, model_dir, tp_size)
-    return size
 
 
 def layout(tp_size: int, ep_size: int) -> str:
@@ -576,7 +515,6 @@ class ReplicaSet:
 
 def _joined(rendezvous: Path) -> list[dict[str, Any]]:
     """The ranks that joined the rendezvous so far: rank, host, pid."""
-    import json
 
     out = []
     for f in sorted(rendezvous.glob("rank-*.json")):

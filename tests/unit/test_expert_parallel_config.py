@@ -16,8 +16,9 @@ from _families import FAMILIES, kimi_checkpoint, random_model, save_checkpoint
 
 from tpm_faas.compute.templates import TEMPLATES, render
 from tpm_faas.errors import ConfigError
-from tpm_faas.launcher import check_parallel, layout, routed_experts
+from tpm_faas.launcher import layout
 from tpm_faas.registry import GroupEntry, ModelInfo
+from tpm_faas.runtime.model_store import check_parallel, routed_experts
 
 EXE = Path(sys.executable).parent / "tpm-faas"
 

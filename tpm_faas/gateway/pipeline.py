@@ -224,6 +224,7 @@ class Gateway:
                 seed=getattr(request, "seed", None),
                 dtype=group.model.dtype,
                 tp_size=group.tp_size,
+                ep_size=group.ep_size,
                 policy_sha256=decision.policy_sha256,
                 versions={**gateway_versions(), **group.versions},
                 issued_at=time.time(),

@@ -141,6 +141,8 @@ class Receipt(Record):
     intervention_sha256: str | None = None
     dtype: str
     tp_size: int
+    #: Expert-parallel ranks (a mixture of experts' routed sum is all-reduced over them).
+    ep_size: int = 1
     policy_sha256: str
     versions: dict[str, str]
     issued_at: float

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tpm_faas.architectures import SUPPORTED, architecture_of
+from tpm_faas.architectures import SUPPORTED, architecture_of, moe_of
 from tpm_faas.errors import ConfigError
 
 
@@ -33,6 +33,60 @@ def check_tp(name: str, model_dir: Path, tp_size: int) -> None:
             f"{name} is a {arch.model_type} model, which DeepSpeed AutoTP does not shard; "
             f"serve it with tp=1 (tensor parallelism: {sharded})"
         )
+
+
+def routed_experts(config: dict[str, Any]) -> int:
+    """The routed experts of each MoE layer of a supported ``config.json`` (0 for a dense
+    model, or a mixture of experts configured without MoE layers)."""
+    moe = moe_of(config)
+    return moe.num_experts if moe is not None and moe.layers else 0
+
+
+def check_parallel(name: str, model_dir: Path, tp_size: int, ep_size: int = 1) -> int:
+    """Check a shard group's layout from ``config.json`` alone, before any rank starts;
+    returns the group's size, ``max(tp_size, ep_size)`` ranks.
+
+    ``tp_size`` and ``ep_size`` are each 1 or the group's size: attention and dense layers
+    are split by DeepSpeed AutoTP over every rank (tp > 1) or replicated (tp = 1), and the
+    routed experts of a mixture of experts are split evenly over every rank (ep > 1; rank
+    ``r`` holds experts ``[r * E / ep, (r + 1) * E / ep)``) or replicated (ep = 1).
+
+    :raises ConfigError: a size below 1, sizes that are neither 1 nor the group's, ep > 1 for
+        a dense model or one that does not divide the routed experts, tp > 1 for an
+        architecture AutoTP does not shard (:func:`check_tp`),
+        or an architecture the runtime does not serve
+    """
+    for flag, value in (("tp", tp_size), ("ep", ep_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name}: {flag}={value!r}: must be a number of ranks, 1 or more")
+    size = max(tp_size, ep_size)
+    if tp_size not in (1, size) or ep_size not in (1, size):
+        raise ConfigError(
+            f"{name}: tp={tp_size} with ep={ep_size}: each must be 1 or the group's size "
+            f"({size} ranks)"
+        )
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = architecture_of(config, what=name)
+    experts = routed_experts(config)
+    if ep_size > 1 and not experts:
+        moe = ", ".join(a.model_type for a in SUPPORTED.values() if a.moe)
+        raise ConfigError(
+            f"{name} is a {arch.model_type} model, which has no experts to spread; serve it "
+            f"with ep=1 (expert parallelism: {moe})"
+        )
+    if ep_size > 1 and experts % ep_size:
+        raise ConfigError(
+            f"{name} has {experts} routed experts per layer, which ep={ep_size} does not "
+            "divide; use an ep that divides it"
+        )
+    if tp_size > 1 and experts and not arch.tensor_parallel:
+        raise ConfigError(
+            f"{name} is a {arch.model_type} model, whose attention DeepSpeed AutoTP does not "
+            f"shard; serve it with tp=1 (--ep {tp_size} spreads its experts over "
+            f"{tp_size} ranks)"
+        )
+    check_tp(name, model_dir, tp_size)
+    return size
 
 
 def hf_config(model_dir: Path) -> Any:

@@ -78,13 +78,14 @@ class ModelRunner:
         """Load ``model_dir`` as this rank's share of a group of ``max(tp_size, ep_size)``
         ranks: DeepSpeed AutoTP over the ranks when ``tp_size > 1`` (whole layers at 1), and a
         mixture of experts' blocks run by :mod:`tpm_faas.runtime.moe`, each rank holding
-        ``1 / ep_size`` of the routed experts (:func:`tpm_faas.launcher.check_parallel`)."""
+        ``1 / ep_size`` of the routed experts
+        (:func:`tpm_faas.runtime.model_store.check_parallel`)."""
         require("deepspeed", "runtime")
         require("transformers", "runtime")
         import deepspeed
         from transformers import AutoModelForCausalLM
 
-        from tpm_faas.launcher import check_parallel, routed_experts
+        from tpm_faas.runtime.model_store import check_parallel, routed_experts
 
         size = check_parallel(name, model_dir, tp_size, ep_size)
         world = _world_size()
