@@ -290,8 +290,8 @@ def test_published_checkpoint_imports_loads_and_serves(family: str, tmp_path: Pa
     )
     assert out.exit_code == 0, out.output
     card = json.loads((root / family / "1" / "tpm_model.json").read_text())
-    # AutoTP shards Mixtral's and Qwen3-MoE's attention; DeepSeek's MLA is served at tp=1
-    assert card["architecture"] == family and card["tensor_parallel"] is (family != "deepseek_v3")
+    # Qwen3-MoE's attention is tensor parallel; Mixtral and DeepSeek are served at tp=1
+    assert card["architecture"] == family and card["tensor_parallel"] is (family == "qwen3_moe")
     assert card["parameters"] == sum(t.numel() for t in model.state_dict().values())
 
     runner = ModelRunner.load(f"{family}@1", root / family / "1", dtype="float32", tp_size=1)
