@@ -26,18 +26,17 @@ import numpy as np
 import pytest
 import torch
 from _families import random_model, save_checkpoint
+from _serving import WRITES, served_alone
 
 from tpm_faas import catalog
 from tpm_faas.client import decode_array
 from tpm_faas.config import Settings
 from tpm_faas.launcher import ShardGroup
 from tpm_faas.modes import MODES
-from tpm_faas.policy import Limits
-from tpm_faas.protocol.requests import WRITE_OPS, InterveneRequest
+from tpm_faas.protocol.requests import InterveneRequest
 from tpm_faas.registry import Registry
 from tpm_faas.runtime.model_store import weight_files
 from tpm_faas.runtime.runner import ModelRunner
-from tpm_faas.runtime.scheduler import Scheduler
 from tpm_faas.shard_client import ShardClient
 from tpm_faas.sites import ModelShape
 from tpm_faas.tokenizer import ByteTokenizer
@@ -109,30 +108,14 @@ def pair(
 
 
 def _ep1(runner: ModelRunner, op: str, body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` through the scheduler and decoder rank 0 runs, at tp=ep=1 in this process."""
+    """``body`` served whole at tp=ep=1 in this process."""
     assert runner.decoder is not None
-    dec = runner.decoder
-    sched = Scheduler(dec.run_plan, slots=dec.slots, max_len=dec.max_len, tokenizer=TOK)
-    sched.submit(0, "r0", body, intervene=op == "intervene")
-    replies = []
-    while sched.busy:
-        replies += sched.step()
-    [(_, reply)] = replies
-    assert reply["ok"], reply
-    result: dict[str, Any] = reply["result"]
-    return result
+    return served_alone(runner.decoder, op, body, TOK)
 
 
 def _admit(pair: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
-    limits = Limits(
-        allowed_ops=[*WRITE_OPS, "save", "logit_lens"],
-        write=True,
-        max_hook_sites=1000,
-        max_bytes_returned=1 << 30,
-        max_prompt_tokens=400,
-    )
     req = InterveneRequest.model_validate({"model": _ref(pair["family"]), **request})
-    return MODES["intervene"].admit(req, pair["info"], limits).body
+    return MODES["intervene"].admit(req, pair["info"], WRITES).body
 
 
 def _query(prompts: list[list[int]]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from _families import random_model, save_checkpoint
+from _serving import WRITES, served_alone
 
 from tpm_faas import catalog
 from tpm_faas.architectures import SUPPORTED
@@ -28,10 +29,8 @@ from tpm_faas.client import decode_array
 from tpm_faas.config import Settings
 from tpm_faas.launcher import ShardGroup
 from tpm_faas.modes import MODES
-from tpm_faas.policy import Limits
-from tpm_faas.protocol.requests import WRITE_OPS, InterveneRequest
+from tpm_faas.protocol.requests import InterveneRequest
 from tpm_faas.runtime.decoder import Decoder
-from tpm_faas.runtime.scheduler import Scheduler
 from tpm_faas.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.integration
@@ -92,19 +91,6 @@ def pair(
     assert not group.healthy()
 
 
-def _tp1(dec: Decoder, op: str, body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` through the scheduler and decoder rank 0 runs, at tp=1 in this process."""
-    sched = Scheduler(dec.run_plan, slots=dec.slots, max_len=dec.max_len, tokenizer=TOK)
-    sched.submit(0, "r0", body, intervene=op == "intervene")
-    replies = []
-    while sched.busy:
-        replies += sched.step()
-    [(_, reply)] = replies
-    assert reply["ok"], reply
-    result: dict[str, Any] = reply["result"]
-    return result
-
-
 def test_group_shards_over_two_ranks(pair: dict[str, Any]) -> None:
     info = pair["tp2"].ping()
     assert info["tp_size"] == 2
@@ -120,7 +106,7 @@ def test_greedy_query_tokens_and_logprobs_equal_tp1(pair: dict[str, Any]) -> Non
         "logprobs": True,
     }
     two = pair["tp2"].call("query", body)["completions"]
-    one = _tp1(pair["tp1"], "query", body)["completions"]
+    one = served_alone(pair["tp1"], "query", body, TOK)["completions"]
     assert [c["token_ids"] for c in two] == [c["token_ids"] for c in one]
     assert all(len(c["token_ids"]) > 0 for c in two)
     lp1 = np.array([e["logprob"] for c in one for e in c["logprobs"]])
@@ -141,13 +127,6 @@ def test_saved_sites_and_head_writes_equal_tp1(pair: dict[str, Any]) -> None:
     last = info.num_layers - 1
     heads = info.num_heads
     straddle = [heads // 2 - 1, heads // 2]  # the last head of rank 0, the first of rank 1
-    limits = Limits(
-        allowed_ops=[*WRITE_OPS, "save", "logit_lens"],
-        write=True,
-        max_hook_sites=1000,
-        max_bytes_returned=1 << 30,
-        max_prompt_tokens=400,
-    )
     request = {
         "model": _ref(pair["family"]),
         "prompts": ["And God said, Let there be", "In the beginning"],
@@ -169,9 +148,9 @@ def test_saved_sites_and_head_writes_equal_tp1(pair: dict[str, Any]) -> None:
         ],
     }
     req = InterveneRequest.model_validate(request)
-    body = MODES["intervene"].admit(req, info, limits).body
+    body = MODES["intervene"].admit(req, info, WRITES).body
     two = pair["tp2"].call("intervene", body)["results"]
-    one = _tp1(pair["tp1"], "intervene", body)["results"]
+    one = served_alone(pair["tp1"], "intervene", body, TOK)["results"]
     for r1, r2 in zip(one, two, strict=True):
         assert r2["token_ids"] == r1["token_ids"]
         assert set(r2["saved"]) == set(r1["saved"]) and len(r1["saved"]) == 5

@@ -63,21 +63,15 @@ def test_greedy_text_identical(site: EmbeddedSite, tp2: ShardClient) -> None:
 
 def _spec(site: EmbeddedSite, request: dict[str, Any]) -> dict[str, Any]:
     """A request normalised and priced as the gateway does (generous limits)."""
+    from _serving import WRITES
+
     from tpm_faas.modes import MODES
-    from tpm_faas.policy import Limits
-    from tpm_faas.protocol.requests import WRITE_OPS, InterveneRequest
+    from tpm_faas.protocol.requests import InterveneRequest
     from tpm_faas.registry import Registry
 
     info = Registry(site.settings.registry_dir).lookup("demo-tpm@1").model
-    limits = Limits(
-        allowed_ops=[*WRITE_OPS, "save", "logit_lens"],
-        write=True,
-        max_hook_sites=1000,
-        max_bytes_returned=1 << 30,
-        max_prompt_tokens=400,
-    )
     req = InterveneRequest.model_validate({"model": "demo-tpm@1", **request})
-    return MODES["intervene"].admit(req, info, limits).body
+    return MODES["intervene"].admit(req, info, WRITES).body
 
 
 def test_every_site_within_tolerance(site: EmbeddedSite, tp2: ShardClient) -> None:
