@@ -32,6 +32,8 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from train_demo_model import CORPUS, DATA, EXTRAS_CARD, fit, fit_extras
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from tpm_faas.catalog import CARD, checkpoint_sha256, import_checkpoint, split_ref
 from tpm_faas.testing.checkpoints import STYLES, train_tokenizer, write_checkpoint
@@ -61,6 +63,15 @@ SYSTEMS = (
 )
 CONTINUE = ("Continue: {}", "Continue the verse: {}", "Finish this verse: {}")
 NEXT = ("What comes after this verse? {}", "Say the verse that follows: {}")
+#: Chats whose answers are printed after training (the last one is the demo's).
+CHECK_CHATS = (
+    [{"role": "user", "content": "Continue: And God called the light Day,"}],
+    [
+        {"role": "system", "content": SYSTEMS[0]},
+        {"role": "user", "content": "Continue: And the LORD God planted a garden"},
+    ],
+    [{"role": "user", "content": "What comes after this verse? " + CHECK_VERSE}],
+)
 
 
 def chat_config(ids: dict[str, int]) -> LlamaConfig:
@@ -100,6 +111,124 @@ def exercise(verses: list[str], rng: random.Random) -> list[dict[str, str]]:
     return chat
 
 
+@dataclass
+class ChatCorpus:
+    """The bundled corpus and its chat exercises, tokenized with a freshly trained BPE
+    tokenizer of one chat style (the tokenizer's files are in ``work``)."""
+
+    work: Path
+    style: str
+    ids: dict[str, int]
+    tok: HFTokenizer
+    text: str
+    verses: list[str]
+    #: The whole corpus as token ids (no special tokens).
+    data: torch.Tensor
+
+    @property
+    def pad(self) -> int:
+        return self.ids[STYLES[self.style].eos]
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return [self.ids[s] for s in STYLES[self.style].stop]
+
+    @property
+    def bos(self) -> int | None:
+        chat = STYLES[self.style]
+        return self.ids[chat.bos] if chat.bos is not None else None
+
+
+def chat_corpus(work: Path, style: str = STYLE, vocab_size: int = VOCAB) -> ChatCorpus:
+    """Train the tokenizer of ``style`` into ``work`` and tokenize the corpus with it."""
+    ids = train_tokenizer(work, style, vocab_size=vocab_size)
+    # The tokenizer as the gateway reads it (EOS ids from generation_config.json).
+    (work / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [ids[s] for s in STYLES[style].stop]})
+    )
+    tok = HFTokenizer(work)
+    text = CORPUS.read_text()
+    verses = [v for v in text.splitlines() if v.strip()]
+    data = torch.tensor(tok.encode(text, add_special=False), dtype=torch.long)
+    return ChatCorpus(work, style, ids, tok, text, verses, data)
+
+
+def chat_batches(
+    corpus: ChatCorpus,
+    *,
+    seed: int,
+    seq_len: int,
+    batch_size: int,
+    chat_rows: int,
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``batch_size`` rows of ``seq_len + 1`` ids (input ids, labels): random
+    stretches of the corpus (after BOS where the style has one), then ``chat_rows`` rows of
+    whole chat exercises packed and padded (the padding not scored)."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    data = corpus.data
+    prefix = [] if corpus.bos is None else [corpus.bos]
+    span = seq_len + 1 - len(prefix)
+    head = torch.full((batch_size - chat_rows, len(prefix)), corpus.bos or 0, dtype=torch.long)
+    pad = corpus.pad
+
+    def chat_row() -> tuple[list[int], list[int]]:
+        """Whole chats packed into one row, the rest padding (not scored)."""
+        row: list[int] = []
+        while True:
+            chat = corpus.tok.encode_chat(exercise(corpus.verses, rng), add_generation_prompt=False)
+            if len(row) + len(chat) > seq_len + 1:
+                break
+            row += chat
+        n = len(row)
+        return row + [pad] * (seq_len + 1 - n), row + [IGNORE] * (seq_len + 1 - n)
+
+    def batch(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(data) - span, (batch_size - chat_rows,), generator=gen)
+        chunk = torch.stack([data[s : s + span] for s in starts.tolist()])
+        plain = torch.cat([head, chunk], dim=1)
+        rows = [chat_row() for _ in range(chat_rows)]
+        chats = torch.tensor([r[0] for r in rows], dtype=torch.long)
+        labels = torch.tensor([r[1] for r in rows], dtype=torch.long)
+        return torch.cat([plain, chats]), torch.cat([plain, labels])
+
+    return batch
+
+
+def publish(model: Any, corpus: ChatCorpus, model_ref: str, out_root: Path) -> dict[str, Any]:
+    """Write ``model`` in bf16 beside the tokenizer as a hub publishes a checkpoint and import
+    it as ``model_ref`` under ``out_root`` (replacing an older one, as ``tpm-faas models add
+    --copy`` would a new version); returns its card. ``model`` is left in float32."""
+    ckpt = corpus.work / "checkpoint"
+    ckpt.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(corpus.work / name, ckpt / name)
+    # transformers types PreTrainedModel.to oddly; the call is nn.Module.to.
+    model.to(torch.bfloat16)
+    write_checkpoint(model, ckpt, corpus.style)
+    model.to(torch.float32)  # the weights as served, in fp32
+    name, ver = split_ref(model_ref)
+    dest = out_root / name / ver
+    if dest.exists():
+        shutil.rmtree(dest)
+    return import_checkpoint(ckpt, model_ref, out_root, copy=True)
+
+
+def training_info(
+    model_ref: str, corpus: ChatCorpus, vocab_size: int, **fields: Any
+) -> dict[str, Any]:
+    """What ``training.json`` records of a run: the data, the settings, the versions."""
+    return {
+        "model": model_ref,
+        "corpus": CORPUS.name,
+        "corpus_sha256": hashlib.sha256(CORPUS.read_bytes()).hexdigest(),
+        "tokenizer": f"byte-level BPE, {vocab_size} ids, {corpus.style} chat style",
+        "corpus_tokens": len(corpus.data),
+        **fields,
+        "versions": {d: version(d) for d in ("torch", "transformers", "safetensors", "tokenizers")},
+    }
+
+
 def train(
     out_root: Path,
     *,
@@ -115,87 +244,44 @@ def train(
     ``out_root`` (replacing an older one), register its adapter and head."""
     torch.manual_seed(seed)
     torch.set_num_threads(2)
-    rng = random.Random(seed)
     work = Path(tempfile.mkdtemp(prefix="demo-chat-"))
     try:
-        ids = train_tokenizer(work, STYLE, vocab_size=VOCAB)
-        # The tokenizer as the gateway reads it (EOS ids from generation_config.json).
-        (work / "generation_config.json").write_text(
-            json.dumps({"eos_token_id": [ids[s] for s in STYLES[STYLE].stop]})
-        )
-        tok = HFTokenizer(work)
-        text = CORPUS.read_text()
-        verses = [v for v in text.splitlines() if v.strip()]
-        data = torch.tensor(tok.encode(text, add_special=False), dtype=torch.long)
-        pad = ids[STYLES[STYLE].eos]
-        model = LlamaForCausalLM(chat_config(ids))
+        corpus = chat_corpus(work, STYLE, VOCAB)
+        model = LlamaForCausalLM(chat_config(corpus.ids))  # type: ignore[no-untyped-call]
         n_params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-        gen = torch.Generator().manual_seed(seed)
-        bos = torch.full((batch_size - chat_rows, 1), ids[STYLE_BOS], dtype=torch.long)
-
-        def chat_row() -> tuple[list[int], list[int]]:
-            """Whole chats packed into one row, the rest padding (not scored)."""
-            row: list[int] = []
-            while True:
-                chat = tok.encode_chat(exercise(verses, rng), add_generation_prompt=False)
-                if len(row) + len(chat) > seq_len + 1:
-                    break
-                row += chat
-            n = len(row)
-            return row + [pad] * (seq_len + 1 - n), row + [IGNORE] * (seq_len + 1 - n)
-
-        def batch(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-            starts = torch.randint(0, len(data) - seq_len, (batch_size - chat_rows,), generator=gen)
-            chunk = torch.stack([data[s : s + seq_len] for s in starts.tolist()])
-            plain = torch.cat([bos, chunk], dim=1)
-            rows = [chat_row() for _ in range(chat_rows)]
-            chats = torch.tensor([r[0] for r in rows], dtype=torch.long)
-            labels = torch.tensor([r[1] for r in rows], dtype=torch.long)
-            return torch.cat([plain, chats]), torch.cat([plain, labels])
-
+        batch = chat_batches(
+            corpus, seed=seed, seq_len=seq_len, batch_size=batch_size, chat_rows=chat_rows
+        )
         t0 = time.monotonic()
         loss_ema = fit(model, opt, batch, steps=steps, lr=lr, log_every=log_every)
         train_s = time.monotonic() - t0
-        ckpt = work / "checkpoint"
-        ckpt.mkdir()
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copyfile(work / name, ckpt / name)
-        # transformers types PreTrainedModel.to oddly; the call is nn.Module.to.
-        model.to(torch.bfloat16)  # type: ignore[arg-type]
-        write_checkpoint(model, ckpt, STYLE)
-        model.to(torch.float32)  # type: ignore[arg-type]  # the weights as served, in fp32
-        name, ver = split_ref(MODEL)
-        dest = out_root / name / ver
-        if dest.exists():
-            shutil.rmtree(dest)
-        card = import_checkpoint(ckpt, MODEL, out_root, copy=True)
+        card = publish(model, corpus, MODEL, out_root)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    tensors, head_fit = fit_extras(model, tok.encode, text, seed)
+    name, ver = split_ref(MODEL)
+    dest = out_root / name / ver
+    tensors, head_fit = fit_extras(model, corpus.tok.encode, corpus.text, seed)
     save_file(tensors, str(dest / "extras.safetensors"))
     card.update(EXTRAS_CARD)
     card["checkpoint_sha256"] = checkpoint_sha256(dest)
     (dest / CARD).write_text(json.dumps(card, indent=2) + "\n")
-    info = {
-        "model": MODEL,
-        "corpus": CORPUS.name,
-        "corpus_sha256": hashlib.sha256(CORPUS.read_bytes()).hexdigest(),
-        "tokenizer": f"byte-level BPE, {VOCAB} ids, {STYLE} chat style",
-        "corpus_tokens": len(data),
-        "steps": steps,
-        "seed": seed,
-        "seq_len": seq_len,
-        "batch_size": batch_size,
-        "chat_rows": chat_rows,
-        "lr": lr,
-        "final_loss": round(loss_ema, 4),
-        "train_s": round(train_s, 1),
-        "wall_s": round(time.monotonic() - t0, 1),
-        "parameters": n_params,
-        "regression_head_r2": head_fit,
-        "versions": {d: version(d) for d in ("torch", "transformers", "safetensors", "tokenizers")},
-    }
+    info = training_info(
+        MODEL,
+        corpus,
+        VOCAB,
+        steps=steps,
+        seed=seed,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        chat_rows=chat_rows,
+        lr=lr,
+        final_loss=round(loss_ema, 4),
+        train_s=round(train_s, 1),
+        wall_s=round(time.monotonic() - t0, 1),
+        parameters=n_params,
+        regression_head_r2=head_fit,
+    )
     (dest / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -211,7 +297,8 @@ def sample(
     """Greedy continuation of a prompt or answer to a chat with plain transformers (for
     checking a checkpoint by eye); the end-of-turn token is shown."""
     tok = HFTokenizer(model_dir)
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
     ids = tok.encode_chat(messages) if messages is not None else tok.encode(prompt or "")
     x = torch.tensor([ids])
     out = model.generate(
@@ -244,19 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(json.dumps(info, indent=2))
     name, ver = split_ref(MODEL)
-    out = a.root / name / ver
+    show_samples(a.root / name / ver)
+    return 0
+
+
+def show_samples(out: Path) -> None:
+    """Print greedy continuations of a few prompts and answers to a few chats."""
     for prompt in ("In the beginning God created", "And the LORD said unto", "And Abraham"):
         print(f"{prompt!r} -> {sample(out, prompt=prompt)!r}")
-    for chat in (
-        [{"role": "user", "content": "Continue: And God called the light Day,"}],
-        [
-            {"role": "system", "content": SYSTEMS[0]},
-            {"role": "user", "content": "Continue: And the LORD God planted a garden"},
-        ],
-        [{"role": "user", "content": "What comes after this verse? " + CHECK_VERSE}],
-    ):
+    for chat in CHECK_CHATS:
         print(f"{chat[-1]['content']!r} -> {sample(out, messages=chat)!r}")
-    return 0
 
 
 if __name__ == "__main__":
