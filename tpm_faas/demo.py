@@ -3,23 +3,32 @@
 It serves ``demo-chat@1``, a checkpoint in the published Hugging Face layout (a byte-level BPE
 tokenizer with a Llama 3 chat template, imported with ``tpm-faas models add``;
 ``scripts/train_chat_model.py``): a chat, a plain prompt, text and adapter embeddings through
-a registered head, a logit lens and steering.
+a registered head, a logit lens and steering. Beside it a second shard group serves
+``demo-moe@1``, a small Qwen3-MoE (8 experts, 2 per token; ``scripts/train_moe_model.py``): the
+same chat, the experts each token of a prompt chose at each MoE layer (read at the router's
+hook sites), and the chat again with an expert knocked out.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tpm_faas.client import Result
+from tpm_faas.client import Result, TPMClient
 from tpm_faas.gateway.ledger import to_su
 from tpm_faas.testing.embedded import DEV_USERS, EmbeddedSite
 
+if TYPE_CHECKING:
+    from tpm_faas.tokenizer import Tokenizer
+
 MODEL = "demo-chat@1"
+#: The mixture of experts served beside it, on one rank whatever ``tp_size`` is.
+MOE_MODEL = "demo-moe@1"
 PROMPT = "And God said, Let there be"
 STEER_FROM = "the land of Egypt, and Pharaoh king of Egypt"
 CHAT = [
@@ -55,8 +64,12 @@ def run_demo(
         home = Path(tmp.name)
     summary: dict[str, Any] = {"model": MODEL, "tp_size": tp_size, "modes": {}}
     t0 = time.monotonic()
+    moe: _MoEGroup | None = None
     try:
-        with EmbeddedSite(home, tp_size=tp_size, model=MODEL).start(progress=progress) as site:
+        embedded = EmbeddedSite(home, tp_size=tp_size, model=MODEL)
+        # The mixture of experts' shard group starts while the site does.
+        moe = _MoEGroup(embedded, progress)
+        with embedded.start(progress=progress) as site:
             summary["startup_s"] = round(time.monotonic() - t0, 2)
             client = site.client("dev")
             import numpy as np
@@ -185,6 +198,11 @@ def run_demo(
             emit(f"  steered      : {i2.text!r}")
             emit(_usage_line(i2))
 
+            # -- the mixture of experts: a chat, its routing, an expert knocked out ------
+            t_moe = time.monotonic()
+            summary["moe"] = _moe_demo(site, moe, emit)
+            summary["moe"]["wall_s"] = round(time.monotonic() - t_moe, 2)
+
             # -- the ledger -----------------------------------------------------------
             ledger = site.ledger()
             project = DEV_USERS["dev"].project
@@ -212,17 +230,22 @@ def run_demo(
                 "charges": len(charges),
             }
     finally:
+        if moe is not None:
+            moe.stop()
         if tmp is not None:
             tmp.cleanup()
     summary["ok"] = (
-        all(m["ok"] for m in summary["modes"].values()) and summary["ledger"]["open_holds"] == 0
+        all(m["ok"] for m in summary["modes"].values())
+        and all(m["ok"] for m in summary["moe"]["modes"].values())
+        and summary["ledger"]["open_holds"] == 0
     )
     summary["total_s"] = round(time.monotonic() - t0, 2)
     return summary
 
 
 def _record(summary: dict[str, Any], r: Result, key: str | None = None, **shown: Any) -> None:
-    """A request's entry in the summary: its id, SU, usage and receipt, and what was shown."""
+    """A request's entry in the summary's ``modes``: its id, SU, usage and receipt, and what
+    was shown."""
     summary["modes"][key or r.mode] = {
         "ok": True,
         "request_id": r.request_id,
@@ -231,6 +254,154 @@ def _record(summary: dict[str, Any], r: Result, key: str | None = None, **shown:
         "receipt": r.receipt.model_dump(mode="json", exclude_none=True),
         **shown,
     }
+
+
+class _MoEGroup:
+    """The shard group of :data:`MOE_MODEL` beside the site's, started in the background."""
+
+    def __init__(self, site: EmbeddedSite, progress: Callable[[str], None] | None) -> None:
+        from tpm_faas.launcher import ShardGroup
+
+        self.group = ShardGroup(
+            MOE_MODEL, 1, site.settings, site.home / "runs" / "shards-moe", dtype=site.dtype
+        )
+        self.failure: BaseException | None = None
+        say = progress or (lambda _m: None)
+
+        def start() -> None:
+            try:
+                self.group.start(progress=lambda m: say(f"{MOE_MODEL}: {m}"))
+            except BaseException as e:  # raised in the caller by wait()
+                self.failure = e
+
+        self._thread = threading.Thread(target=start, name="start-moe-group", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Until the group serves; its start's failure is raised here."""
+        self._thread.join()
+        if self.failure is not None:
+            raise self.failure
+
+    def stop(self) -> None:
+        self._thread.join()
+        self.group.stop()
+
+
+def _moe_demo(site: EmbeddedSite, moe: _MoEGroup, emit: Callable[[str], None]) -> dict[str, Any]:
+    """The mixture of experts' sections: its chat answer, the experts each token of a prompt
+    chose at each MoE layer, and the chat with the most used expert knocked out."""
+    from tpm_faas.architectures import moe_of
+    from tpm_faas.catalog import resolve
+    from tpm_faas.tokenizer import HFTokenizer
+
+    moe.wait()
+    out: dict[str, Any] = {"model": MOE_MODEL, "tp_size": 1, "modes": {}}
+    model_dir = resolve(MOE_MODEL, site.settings.model_roots)
+    routed = moe_of(json.loads((model_dir / "config.json").read_text()))
+    assert routed is not None, f"{MOE_MODEL} is not a mixture of experts"
+    n_experts, top_k = routed.num_experts, routed.top_k
+    client = TPMClient(site.transport, token=site.tokens["dev"], model=MOE_MODEL)
+
+    chat = client.generate(messages=CHAT, max_new_tokens=48)
+    done = chat.output["completions"][0]
+    _record(out, chat, key="query_chat", text=chat.text, finish_reason=done["finish_reason"])
+    emit(
+        _heading(
+            f"{MOE_MODEL}: a mixture of experts (Qwen3-MoE, {n_experts} experts, {top_k} per "
+            "token), the same chat"
+        )
+    )
+    emit(f"  assistant: {chat.text!r}")
+    emit(
+        f"  finish   : {done['finish_reason']} after {done['completion_tokens']} tokens "
+        f"(prompt: {done['prompt_tokens']} tokens)"
+    )
+    emit(_usage_line(chat))
+
+    # Which experts each prompt token chose: the routing's outcome, read at every MoE layer.
+    r = client.intervene(
+        PROMPT,
+        [
+            {"op": "save", "site": "mlp.hook_expert_indices", "layers": "*"},
+            {"op": "save", "site": "mlp.hook_expert_weights", "layers": "*"},
+        ],
+    )
+    routing = _routing_table(r, HFTokenizer(model_dir))
+    _record(out, r, key="intervene_routing")
+    out["routing"] = routing
+    emit(_heading("intervene: the experts each token chose at each MoE layer (routing)"))
+    emit(f"  prompt : {PROMPT!r}")
+    emit(
+        f"  saved  : mlp.hook_expert_indices and mlp.hook_expert_weights at layers "
+        f"{', '.join(map(str, routing['layers']))}: the {top_k} of {n_experts} experts chosen, "
+        "heaviest first, and their weights"
+    )
+    layers = routing["layers"]
+    emit("  " + f"{'token':<12}" + "".join(f"{'layer ' + str(i):<16}" for i in layers))
+    for row in routing["rows"]:
+        cells = [
+            ",".join(map(str, ex)) + " " + "/".join(f"{w:.2f}" for w in ws)
+            for ex, ws in zip(row["experts"], row["weights"], strict=True)
+        ]
+        emit("  " + f"{row['token']!r:<12}" + "".join(f"{c:<16}" for c in cells))
+    emit(_usage_line(r))
+
+    # Knock out the expert the prompt's tokens chose most at the first MoE layer.
+    layer = layers[0]
+    counts = [0] * n_experts
+    for row in routing["rows"]:
+        for e in row["experts"][0]:
+            counts[e] += 1
+    expert = max(range(n_experts), key=lambda e: (counts[e], -e))
+    k = client.intervene(
+        None,
+        [
+            {
+                "op": "drop_experts",
+                "site": "mlp.hook_router_logits",
+                "layers": [layer],
+                "experts": [expert],
+                "generation": True,
+            }
+        ],
+        messages=CHAT,
+        max_new_tokens=48,
+    )
+    _record(out, k, key="intervene_drop_experts", layer=layer, expert=expert, text=k.text)
+    emit(
+        _heading(
+            f"intervene: the chat with expert {expert} of layer {layer} knocked out "
+            "(drop_experts, every token)"
+        )
+    )
+    emit(f"  routed as trained  : {chat.text!r}")
+    emit(f"  {'without expert ' + str(expert):<19}: {k.text!r}")
+    emit(_usage_line(k))
+    return out
+
+
+def _routing_table(r: Result, tok: Tokenizer) -> dict[str, Any]:
+    """The experts (heaviest first) and weights each prompt token chose at each MoE layer of
+    an intervene result that saved ``mlp.hook_expert_indices`` and ``hook_expert_weights`` at
+    every MoE layer: ``{"layers": [...], "rows": [{"position", "token", "experts": [per
+    layer], "weights": [per layer]}]}``."""
+    suffix = ".mlp.hook_expert_indices"
+    names = [n for n in r.saved if n.endswith(suffix)]
+    layers = sorted(int(n.split(".")[1]) for n in names)
+    entry = r.saved_entry(f"blocks.{layers[0]}{suffix}")
+    positions = list(entry.positions) or list(range(entry.tensor.shape[0]))
+    ids = tok.encode(PROMPT)
+    rows = []
+    for row, pos in enumerate(positions):
+        experts = [[int(x) for x in r.saved[f"blocks.{i}{suffix}"][row]] for i in layers]
+        weights = [
+            [round(float(w), 4) for w in r.saved[f"blocks.{i}.mlp.hook_expert_weights"][row]]
+            for i in layers
+        ]
+        token = tok.token_str(ids[pos]) if 0 <= pos < len(ids) else f"<{pos}>"
+        rows.append({"position": pos, "token": token, "experts": experts, "weights": weights})
+    return {"prompt": PROMPT, "layers": layers, "rows": rows}
 
 
 def _heading(text: str) -> str:
