@@ -312,16 +312,25 @@ def sample(
     return "".join(tok.token_str(i) for i in new)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_cli(
+    argv: list[str] | None,
+    *,
+    description: str,
+    model: str,
+    train_fn: Callable[..., dict[str, Any]],
+    steps: int,
+) -> int:
+    """The command line of a demo model's training script: train ``model`` with ``train_fn``
+    into ``--root``, print its training info and a few samples."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--root", type=Path, default=ROOT, help="model root to import into")
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chat-rows", type=int, default=4, help="rows of each batch that are chats")
     p.add_argument("--lr", type=float, default=3e-3)
     a = p.parse_args(argv)
-    info = train(
+    info = train_fn(
         a.root,
         steps=a.steps,
         seed=a.seed,
@@ -330,9 +339,15 @@ def main(argv: list[str] | None = None) -> int:
         lr=a.lr,
     )
     print(json.dumps(info, indent=2))
-    name, ver = split_ref(MODEL)
+    name, ver = split_ref(model)
     show_samples(a.root / name / ver)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(
+        argv, description=__doc__.splitlines()[0], model=MODEL, train_fn=train, steps=800
+    )
 
 
 def show_samples(out: Path) -> None:

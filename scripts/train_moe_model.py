@@ -20,7 +20,6 @@ version and thread count; about 10 minutes on 2 cores)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
@@ -32,12 +31,11 @@ from typing import Any
 import torch
 from train_chat_model import (
     IGNORE,
-    ROOT,
     ChatCorpus,
     chat_batches,
     chat_corpus,
     publish,
-    show_samples,
+    run_cli,
     training_info,
 )
 from train_demo_model import fit
@@ -182,26 +180,9 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", type=Path, default=ROOT, help="model root to import into")
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--chat-rows", type=int, default=4, help="rows of each batch that are chats")
-    p.add_argument("--lr", type=float, default=3e-3)
-    a = p.parse_args(argv)
-    info = train(
-        a.root,
-        steps=a.steps,
-        seed=a.seed,
-        batch_size=a.batch_size,
-        chat_rows=a.chat_rows,
-        lr=a.lr,
+    return run_cli(
+        argv, description=__doc__.splitlines()[0], model=MODEL, train_fn=train, steps=1200
     )
-    print(json.dumps(info, indent=2))
-    name, ver = split_ref(MODEL)
-    show_samples(a.root / name / ver)
-    return 0
 
 
 if __name__ == "__main__":
