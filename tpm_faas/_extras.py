@@ -10,6 +10,7 @@ tokens, result decoding). What a site runs comes with extras (see ``docs/install
     site       all four
     postgres   psycopg                       a PostgreSQL ledger
     plot       matplotlib                    tpm-faas usage --plot
+    versions   zstandard                     the version store's tensor codec (also in runtime)
 
 Code that builds an object needing one of them calls :func:`require` first, so a client-only
 install fails there with one line naming the extra, not with an ``ImportError`` deep inside.
@@ -23,7 +24,17 @@ from types import ModuleType
 from tpm_faas.errors import MissingExtra
 
 #: The extras of tpm_faas (``[project.optional-dependencies]`` in pyproject.toml).
-EXTRAS = ("gateway", "endpoint", "runtime", "launch", "site", "postgres", "plot", "test")
+EXTRAS = (
+    "gateway",
+    "endpoint",
+    "runtime",
+    "launch",
+    "site",
+    "postgres",
+    "plot",
+    "versions",
+    "test",
+)
 #: Distributions a client-only install (no extras) never pulls in: each comes with an extra.
 HEAVY = frozenset(
     {

@@ -24,7 +24,8 @@ clients and tests match on) and, for the CLI, an ``exit_code``::
     │   └── ShardTimeout(ShardGroupError, TimeoutError) shard_timeout
     ├── ConfigError                                     config_error       7
     │   ├── MissingExtra(ConfigError, ImportError)      missing_extra
-    │   └── UnsupportedArchitecture                     unsupported_architecture
+    │   ├── UnsupportedArchitecture                     unsupported_architecture
+    │   └── VersionError                                version_error
     ├── RemoteError                                     (the remote code)  8
     └── ServiceUnreachable(TPMError, ConnectionError)   service_unreachable 9
 
@@ -195,6 +196,15 @@ class UnsupportedArchitecture(ConfigError):
     serves; the message lists those it does (:mod:`tpm_faas.architectures`)."""
 
     code = "unsupported_architecture"
+
+
+class VersionError(ConfigError):
+    """A stored model version cannot be reconstructed exactly: a payload is corrupted or
+    truncated, a declared dtype or shape does not match it, the parent is not the one it was
+    encoded against, or the decoded words do not hash to the recorded sha256. The message
+    names the tensor; the version is never served (:mod:`tpm_faas.versions`)."""
+
+    code = "version_error"
 
 
 class RemoteError(TPMError):
