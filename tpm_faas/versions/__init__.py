@@ -2,6 +2,9 @@
 
 :mod:`tpm_faas.versions.codec` is the lossless tensor codec the version store uses: a tensor's
 raw words, optionally as a delta against its parent's, byte-grouped and zstd-compressed, with
-the decoded words' sha256 checked on every decode. The store, the CLI, serving from the store
-and replay are still to come (see ``docs/versions.md``).
+the decoded words' sha256 checked on every decode. :mod:`tpm_faas.versions.store` keeps a
+model's lineage of immutable versions in a content-addressed store (manifests of every file
+and tensor, unchanged tensors free, changed ones delta-encoded, keyframes), exports a version
+bit-identically and verifies it. The CLI, serving from the store and replay are still to come
+(see ``docs/versions.md``).
 """
