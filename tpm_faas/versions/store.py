@@ -125,22 +125,38 @@ def _object_path(store: Path, sha: str) -> Path:
     return store / _OBJECTS / sha[:2] / sha
 
 
+def _write(path: Path, data: bytes, *, replace: bool = True, sync: bool = False) -> bool:
+    """Write ``data`` to ``path`` whole or not at all (a temporary file beside it, mode 0644,
+    then renamed; with ``replace`` false, hard-linked, so an existing ``path`` is kept and
+    ``False`` returned)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)  # atomic, and never replaces what is there
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _put(store: Path, data: bytes) -> tuple[str, int]:
     """Store ``data``; its sha256 and the bytes newly written (0 when already present)."""
     sha = hashlib.sha256(data).hexdigest()
     path = _object_path(store, sha)
     if path.exists():
         return sha, 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write(path, data)
     return sha, len(data)
 
 
@@ -182,22 +198,9 @@ def load(store: str | os.PathLike[str], ref: str) -> Manifest:
 
 
 def _write_manifest(store: Path, ref: str, data: dict[str, Any]) -> Manifest:
-    path = _manifest_path(store, ref)
-    path.parent.mkdir(parents=True, exist_ok=True)
     raw = _canonical(data)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        try:
-            os.link(tmp, path)  # atomic, and never replaces an existing version
-        except FileExistsError:
-            raise VersionError(f"{ref} already exists; a version is never replaced") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    if not _write(_manifest_path(store, ref), raw, replace=False, sync=True):
+        raise VersionError(f"{ref} already exists; a version is never replaced")
     return Manifest(data, hashlib.sha256(raw).hexdigest())
 
 
@@ -422,17 +425,7 @@ def export(store: str | os.PathLike[str], ref: str, dest_dir: str | os.PathLike[
         target = dest / rel
         if not target.resolve().is_relative_to(dest.resolve()):
             raise VersionError(f"file {rel!r} lies outside the export directory")
-        data = _rebuild(decoder, rel, f)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write(target, _rebuild(decoder, rel, f))
     return man
 
 
