@@ -40,7 +40,6 @@ shared experts').
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,9 +47,7 @@ import torch
 from tpm_faas.architectures import DYNAMIC_ROPE, architecture_of
 from tpm_faas.errors import UnsupportedArchitecture
 from tpm_faas.runtime import moe
-from tpm_faas.sites import Site
-
-Tap = Callable[[Site, torch.Tensor], torch.Tensor]
+from tpm_faas.runtime.interventions import Tap
 
 
 def byte_llama_config(**shape: Any) -> Any:

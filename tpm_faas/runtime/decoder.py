@@ -53,7 +53,7 @@ from tpm_faas.runtime.interventions import (
     lens_tables,
     saved_values,
 )
-from tpm_faas.sites import BLOCK_SITES, MOE_SITES, READ_ONLY_SITES, Site
+from tpm_faas.sites import BLOCK_SITES, READ_ONLY_SITES, ModelShape, Site
 
 #: CUDA graphs a decoder keeps (one per batch bucket and set of intervention sites).
 MAX_GRAPHS = 32
@@ -84,7 +84,10 @@ class Decoder:
         gather_heads: Callable[[torch.Tensor], torch.Tensor] | None = None,
         rank: int = 0,
     ) -> None:
-        max_len = min(max_len, dims(model.config.to_dict()).context_length)
+        config = model.config.to_dict()
+        max_len = min(max_len, dims(config).context_length)
+        #: The sites the gateway knows this model by (MoE sites at its MoE layers).
+        self.shape = ModelShape.from_config(config)
         self.arch = arch = arch_for(model, max_len)
         self.model = model
         self.n_layers = len(arch.blocks)
@@ -126,15 +129,7 @@ class Decoder:
 
     def has_site(self, site: Site) -> bool:
         """Whether this model has block site ``site`` (MoE sites at MoE layers only)."""
-        if not 0 <= site.layer < self.n_layers:
-            return False
-        if site.kind in BLOCK_SITES:
-            return True
-        if site.layer not in self.arch.moe_layers:
-            return False
-        if site.kind == "mlp.hook_shared_out":
-            return getattr(self.arch.blocks[site.layer].mlp, "shared_experts", None) is not None
-        return site.kind in MOE_SITES
+        return 0 <= site.layer < self.n_layers and site.kind in self.shape.block_sites(site.layer)
 
     @torch.inference_mode()
     def run_plan(self, plan: dict[str, Any]) -> Any:

@@ -50,9 +50,8 @@ import torch.nn.functional as F
 
 from tpm_faas.architectures import architecture_of
 from tpm_faas.errors import ConfigError
+from tpm_faas.runtime.interventions import Tap
 from tpm_faas.sites import Site
-
-Tap = Callable[[Site, torch.Tensor], torch.Tensor]
 
 
 def is_moe(mlp: Any) -> bool:
