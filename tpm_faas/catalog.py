@@ -36,6 +36,8 @@ CARD_FORMAT = 1
 SERVED_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 #: What a version reference looks like (as the request models accept it).
 REF = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)@([A-Za-z0-9._-]+)$")
+#: The version a request or launch may name for "the newest one" (``NAME@latest``).
+LATEST = "latest"
 #: Files of a published checkpoint that an import takes (weights are matched by suffix).
 CHECKPOINT_FILES = (
     "config.json",
@@ -46,8 +48,11 @@ CHECKPOINT_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
-#: Files that are not part of what a version computes (provenance, the card itself).
-UNHASHED = frozenset({"training.json", CARD})
+#: Written beside a version materialised from the version store: the manifest it was rebuilt
+#: from (:mod:`tpm_faas.versions.cache`).
+MARKER = "tpm_version.json"
+#: Files that are not part of what a version computes (provenance, the card, the marker).
+UNHASHED = frozenset({"training.json", CARD, MARKER})
 
 
 def split_ref(model: str) -> tuple[str, str]:
@@ -129,6 +134,7 @@ def model_info(name: str, model_dir: Path, *, dtype: str | None = None) -> Model
     shape = ModelShape.from_config(config)
     d = dims(config)
     meta = card(model_dir)
+    stored = store_marker(model_dir) or {}
     return ModelInfo(
         name=name,
         hidden_size=shape.hidden_size,
@@ -151,7 +157,31 @@ def model_info(name: str, model_dir: Path, *, dtype: str | None = None) -> Model
         experts_per_token=shape.experts_per_token,
         moe_layers=list(shape.moe_layers),
         shared_experts=shape.shared_experts,
+        manifest_sha256=str(stored.get("manifest_sha256", "")),
+        committed_at=str(stored.get("created", "")),
+        extras_sha256=_file_sha256(model_dir / "extras.safetensors"),
     )
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, or ``""`` when there is none."""
+    if not path.is_file():
+        return ""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def store_marker(model_dir: Path) -> dict[str, Any] | None:
+    """What :data:`MARKER` says of a version materialised from the version store (the
+    manifest's sha256, when it was committed), or ``None`` for a plain directory."""
+    try:
+        data = json.loads((model_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def describe(model_dir: Path, *, tokenizer: str = "auto") -> dict[str, Any]:

@@ -21,11 +21,19 @@ variable > the default below. Nothing here is read at import time.
 - ``TPM_FAAS_INLINE_LIMIT``: tensors of a result larger than this many bytes in all go to a
   safetensors file in ``$TPM_FAAS_HOME/results`` and are returned by reference; ``4000000``
   (Globus Compute allows 10 MB per result)
+- ``TPM_FAAS_VERSION_STORE``: the site's version store (``tpm-faas models commit``); a model
+  version not in the model roots is served from it; unset (none)
+- ``TPM_FAAS_VERSION_CACHE``: where store versions are materialised for serving;
+  ``$TPM_FAAS_HOME/cache``
+- ``TPM_FAAS_VERSION_CACHE_GB``: the cache's size bound (least recently used versions are
+  evicted, never one a live shard group serves); ``500``
+- ``TPM_FAAS_SITE``: the site's name in receipts; the host name
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -43,6 +51,28 @@ def package_data(*parts: str) -> Path:
     if not isinstance(res, Path):  # a zipped install: nothing to hand to another process
         raise RuntimeError(f"tpm_faas is not installed as files; cannot locate data {res}")
     return res
+
+
+#: The version cache's size bound unless the site sets one (``TPM_FAAS_VERSION_CACHE_GB``).
+DEFAULT_VERSION_CACHE_BYTES = 500 * 10**9
+
+
+def _path_or_none(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
+def _gigabytes(value: str | None, default: int) -> int:
+    if not value:
+        return default
+    try:
+        gb = float(value)
+    except ValueError:
+        gb = -1.0
+    if not gb > 0:
+        from tpm_faas.errors import ConfigError
+
+        raise ConfigError(f"TPM_FAAS_VERSION_CACHE_GB={value!r} is not a positive number")
+    return int(gb * 10**9)
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -83,6 +113,13 @@ class Settings:
     model_roots: tuple[Path, ...] = (BUNDLED_MODELS,)
     shard_timeout_s: float = 300.0
     inline_limit_bytes: int = 4_000_000
+    #: The site's version store (:mod:`tpm_faas.versions.store`); ``None``: none.
+    version_store: Path | None = None
+    #: Where versions from the store are materialised for serving, and its size bound.
+    version_cache: Path | None = None
+    version_cache_bytes: int = DEFAULT_VERSION_CACHE_BYTES
+    #: This site's name, as receipts record it.
+    site: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -93,6 +130,11 @@ class Settings:
     @property
     def results_dir(self) -> Path:
         return self.home / "results"
+
+    @property
+    def version_cache_dir(self) -> Path:
+        """Where versions from the store are materialised (default ``$TPM_FAAS_HOME/cache``)."""
+        return self.version_cache or self.home / "cache"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -119,6 +161,12 @@ class Settings:
             else (home / "models", BUNDLED_MODELS),
             "shard_timeout_s": float(e.get("TPM_FAAS_SHARD_TIMEOUT", "300")),
             "inline_limit_bytes": int(e.get("TPM_FAAS_INLINE_LIMIT", "4000000")),
+            "version_store": _path_or_none(e.get("TPM_FAAS_VERSION_STORE")),
+            "version_cache": _path_or_none(e.get("TPM_FAAS_VERSION_CACHE")),
+            "version_cache_bytes": _gigabytes(
+                e.get("TPM_FAAS_VERSION_CACHE_GB"), DEFAULT_VERSION_CACHE_BYTES
+            ),
+            "site": e.get("TPM_FAAS_SITE") or socket.gethostname(),
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
@@ -135,6 +183,13 @@ class Settings:
             "TPM_FAAS_SHARD_TIMEOUT": str(self.shard_timeout_s),
             "TPM_FAAS_INLINE_LIMIT": str(self.inline_limit_bytes),
         }
+        if self.version_store is not None:
+            env["TPM_FAAS_VERSION_STORE"] = str(self.version_store)
+        if self.version_cache is not None:
+            env["TPM_FAAS_VERSION_CACHE"] = str(self.version_cache)
+        env["TPM_FAAS_VERSION_CACHE_GB"] = repr(self.version_cache_bytes / 1e9)
+        if self.site:
+            env["TPM_FAAS_SITE"] = self.site
         if self.dev_tokens_path is not None:
             env["TPM_FAAS_DEV_TOKENS"] = str(self.dev_tokens_path)
         if self.mapped_identity:

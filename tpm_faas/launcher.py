@@ -215,6 +215,12 @@ class ShardGroup:
     _futures: list[Future[Any]] = field(default_factory=list, init=False, repr=False)
     entry: GroupEntry | None = field(default=None, init=False)
 
+    def __post_init__(self) -> None:
+        # NAME@latest is the store's newest version now; the group (and its restarts) keep it.
+        from tpm_faas.versions.cache import concrete
+
+        self.model = concrete(self.model, self.settings)
+
     def start(
         self,
         *,
@@ -327,10 +333,15 @@ class ShardGroup:
     def check(self) -> Path:
         """Refuse, before any rank starts, a model this site cannot serve or a layout it cannot
         serve it in (:func:`check_parallel`, ranks spread evenly over the nodes); returns the
-        version's directory."""
-        from tpm_faas.catalog import check_servable, resolve
+        version's directory (a model root's, or the version store's materialised in the
+        cache)."""
+        from tpm_faas.catalog import check_servable
+        from tpm_faas.versions.cache import locate
 
-        model_dir = resolve(self.model, self.settings.model_roots)
+        # A version from the store is rebuilt (verified) into the cache once; versions live
+        # groups serve are never evicted to make room.
+        serving = Registry(self.settings.registry_dir).models()
+        model_dir = locate(self.model, self.settings, protect=serving)
         check_servable(model_dir)
         size = check_parallel(self.model, model_dir, self.tp_size, self.ep_size)
         nodes = self.allocation.nodes
@@ -464,6 +475,11 @@ class ReplicaSet:
     queue_timeout_s: float | None = None
     ep_size: int = 1
     groups: dict[str, ShardGroup] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from tpm_faas.versions.cache import concrete
+
+        self.model = concrete(self.model, self.settings)  # every replica serves one version
 
     def scale(self, n: int, *, progress: Any = None) -> list[GroupEntry]:
         """Run exactly ``n`` replicas: start the missing ones, stop the newest extra ones."""

@@ -95,7 +95,10 @@ class Group(_Frozen):
     name: str
     match: Match
     modes: list[Mode]
-    models: list[str]
+    models: list[str] = Field(
+        description="model versions the group may use: NAME@VERSION pins one version, NAME@* "
+        "allows every version of NAME"
+    )
     tier: str = "standard"
     allocation: str = Field(description="the ledger project charged for this group's use")
     limits: Limits = Limits()
@@ -109,6 +112,12 @@ class Rates(_Frozen):
     output_token: float = Field(default=0.0, ge=0)
     gb_returned: float = Field(default=0.0, ge=0)
     hooked_site: float = Field(default=0.0, ge=0)
+    reproducible: float = Field(
+        default=1.0,
+        ge=1.0,
+        description="price multiplier of a request that asks for reproducible: true (run "
+        "alone, batch-invariant)",
+    )
 
 
 class PolicyFile(_Frozen):
@@ -116,7 +125,10 @@ class PolicyFile(_Frozen):
     default: Literal["deny"] = "deny"
     hold_ttl_s: int = Field(default=3600, ge=10)
     tiers: dict[str, float] = {"standard": 1.0}
-    models: dict[str, Rates]
+    models: dict[str, Rates] = Field(
+        description="SU rates per model version (NAME@VERSION), or for every version of a name "
+        "(NAME@*; a version's own entry wins)"
+    )
     projects: dict[str, Project] = {}
     groups: list[Group]
 
@@ -129,6 +141,13 @@ class Usage:
     output_tokens: int = 0
     bytes_returned: int = 0
     hooked_sites: int = 0
+
+
+def allows_model(allowed: typing.Iterable[str], model: str) -> bool:
+    """Whether a group's ``models`` list admits ``model``: by its exact ``NAME@VERSION`` (a
+    pinned version) or by ``NAME@*`` (every version of that name)."""
+    name = model.partition("@")[0]
+    return any(m == model or m == f"{name}@*" for m in allowed)
 
 
 @dataclass(frozen=True)
@@ -157,15 +176,21 @@ class Decision:
     multiplier: float
     policy_sha256: str
 
-    def price_micro(self, usage: Usage) -> int:
-        """Integer micro-SU for ``usage`` (rounded up, exact rational arithmetic)."""
+    def price_micro(self, usage: Usage, *, reproducible: bool = False) -> int:
+        """Integer micro-SU for ``usage`` (rounded up, exact rational arithmetic); a
+        ``reproducible`` request is priced at the model's ``reproducible`` multiplier."""
         r = self.rates
-        su = Fraction(str(self.multiplier)) * (
-            Fraction(str(r.per_request))
-            + Fraction(str(r.input_token)) * usage.input_tokens
-            + Fraction(str(r.output_token)) * usage.output_tokens
-            + Fraction(str(r.gb_returned)) * Fraction(usage.bytes_returned, 10**9)
-            + Fraction(str(r.hooked_site)) * usage.hooked_sites
+        factor = Fraction(str(r.reproducible)) if reproducible else Fraction(1)
+        su = (
+            Fraction(str(self.multiplier))
+            * factor
+            * (
+                Fraction(str(r.per_request))
+                + Fraction(str(r.input_token)) * usage.input_tokens
+                + Fraction(str(r.output_token)) * usage.output_tokens
+                + Fraction(str(r.gb_returned)) * Fraction(usage.bytes_returned, 10**9)
+                + Fraction(str(r.hooked_site)) * usage.hooked_sites
+            )
         )
         return math.ceil(su * 1_000_000)
 
@@ -218,8 +243,8 @@ class Policy:
             who = caller.username or caller.identity
             raise PolicyDenied(f"no group of the site policy admits {who}")
         for g in matched:
-            if mode in g.modes and model in g.models:
-                rates = self.data.models.get(model)
+            if mode in g.modes and allows_model(g.models, model):
+                rates = self.rates_for(model)
                 if rates is None:
                     raise PolicyDenied(f"the site policy sets no SU rates for model {model}")
                 log.info(
@@ -253,7 +278,7 @@ class Policy:
         for g in self.data.groups:
             if g not in matched:
                 verdicts.append(GroupVerdict(g.name, False, False, "does not match"))
-            elif mode in g.modes and model in g.models:
+            elif mode in g.modes and allows_model(g.models, model):
                 verdicts.append(GroupVerdict(g.name, True, True, "allows"))
             else:
                 why = f"matches but does not allow {mode!r} on {model}"
@@ -291,10 +316,29 @@ class Policy:
 
     def warnings(self) -> list[str]:
         """Valid but probably not meant: models a group allows that have no SU rates."""
-        missing = sorted({m for g in self.data.groups for m in g.models} - set(self.data.models))
+        missing = sorted(
+            {m for g in self.data.groups for m in g.models if self.rates_for(m) is None}
+        )
         if not missing:
             return []
         return [f"no SU rates for {', '.join(missing)} (requests will be refused)"]
+
+    def rates_for(self, model: str) -> Rates | None:
+        """The SU rates of ``model``: its own entry, else its name's ``NAME@*`` entry."""
+        models = self.data.models
+        return models.get(model) or models.get(f"{model.partition('@')[0]}@*")
+
+    def pinned(self) -> set[str]:
+        """The concrete versions the policy names (in groups or rates); ``NAME@*`` pins none."""
+        named = {m for g in self.data.groups for m in g.models} | set(self.data.models)
+        return {m for m in named if not m.endswith("@*")}
+
+    def allowed_versions(
+        self, caller: Caller, mode: str, candidates: typing.Iterable[str]
+    ) -> list[str]:
+        """Those of ``candidates`` (model versions) that ``caller`` may use in ``mode``."""
+        groups = [g for g in self.matching(caller) if mode in g.modes]
+        return [m for m in candidates if any(allows_model(g.models, m) for g in groups)]
 
     def matching(self, caller: Caller) -> list[Group]:
         """The groups that match ``caller``, in file order."""

@@ -53,6 +53,12 @@ class ModelInfo:
     experts_per_token: int = 0
     moe_layers: list[int] = field(default_factory=list)
     shared_experts: bool = False
+    #: Served from the version store: the sha256 of the version's manifest and when it was
+    #: committed (ISO 8601); empty for a version served from a model root's plain directory.
+    manifest_sha256: str = ""
+    committed_at: str = ""
+    #: sha256 of the version's ``extras.safetensors`` (its adapters' and heads' weights).
+    extras_sha256: str = ""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import platform
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from tpm_faas.catalog import LATEST
 from tpm_faas.config import Settings, settings_key, task_id
 from tpm_faas.errors import (
     ConfigError,
@@ -33,6 +35,7 @@ from tpm_faas.errors import (
     ShardGroupError,
     TokenInvalid,
     TPMError,
+    UnknownModel,
 )
 from tpm_faas.gateway import results
 from tpm_faas.gateway.auth import (
@@ -156,15 +159,18 @@ class Gateway:
         principal = self.authenticator.require(token, mode.name)
         if len(json.dumps(principal.identity)) > MAX_OWNER_JSON:  # recorded in results files
             raise TokenInvalid("the access token's identity is longer than any Globus identity")
-        group = self.registry.lookup(request.model)
         policy = self.policy  # one policy for the whole request, even across a reload
         caller = Caller(
             principal.identity, principal.username, principal.identity_set, principal.groups
         )
+        model = self._concrete(request.model, policy, caller, mode.name)
+        if model != request.model:  # the reply, the ledger and the receipt name the version
+            request = request.model_copy(update={"model": model})
+        group = self.registry.lookup(request.model)
         decision = policy.decide(caller, mode=mode.name, model=request.model)
         limits = decision.limits
         admission = mode.admit(self._with_results(request, principal, limits), group.model, limits)
-        held = decision.price_micro(admission.worst)
+        held = decision.price_micro(admission.worst, reproducible=request.reproducible)
         worst_tokens = admission.worst.input_tokens + admission.worst.output_tokens
         reservation = self.limiter.admit(decision.group, principal.identity, limits, worst_tokens)
         used_tokens = 0
@@ -196,7 +202,9 @@ class Gateway:
                 used.hooked_sites,
             )
             used_tokens = used.input_tokens + used.output_tokens
-            charged = self.ledger.post(request_id, decision.price_micro(used))
+            charged = self.ledger.post(
+                request_id, decision.price_micro(used, reproducible=request.reproducible)
+            )
         except BaseException:
             _quietly(self.ledger.void, request_id)  # the original error is what the caller gets
             raise
@@ -220,6 +228,8 @@ class Gateway:
                 request_id=request_id,
                 model=request.model,
                 checkpoint_sha256=group.model.checkpoint_sha256,
+                manifest_sha256=group.model.manifest_sha256 or None,
+                extras_sha256=group.model.extras_sha256 or None,
                 request_sha256=request_hash(request),
                 seed=getattr(request, "seed", None),
                 dtype=group.model.dtype,
@@ -227,11 +237,33 @@ class Gateway:
                 ep_size=group.ep_size,
                 policy_sha256=decision.policy_sha256,
                 versions={**gateway_versions(), **group.versions},
+                site=self.settings.site,
                 issued_at=time.time(),
                 **mode.receipt_extras(request, admission),
             ),
         )
         return reply.model_dump(mode="json", exclude_none=True)
+
+    def _concrete(self, model: str, policy: Policy, caller: Caller, mode: str) -> str:
+        """``model``, with ``NAME@latest`` replaced by the newest version of ``NAME`` that a
+        live shard group serves and the caller's policy allows for ``mode`` (a group pinned
+        to a version gets that version)."""
+        name, _, version = model.partition("@")
+        if version != LATEST:
+            return model
+        served = {}
+        for ref in self.registry.models():
+            if ref.partition("@")[0] == name and ref.partition("@")[2] != LATEST:
+                live = [e for e in self.registry.entries(ref) if e.fresh()]
+                if live:
+                    served[ref] = max((e.model.committed_at, e.started_at) for e in live)
+        if not served:
+            raise UnknownModel(f"no version of {name} is served here ({model} names none)")
+        newest = sorted(served, key=lambda r: (*served[r], _natural(r)), reverse=True)
+        allowed = policy.allowed_versions(caller, mode, newest)
+        if not allowed:
+            policy.decide(caller, mode=mode, model=newest[0])  # raises, saying why
+        return allowed[0]
 
     def _with_results(self, request: Any, principal: Principal, limits: Limits) -> Any:
         """``request`` with tensors named from the caller's earlier results read in (intervene's
@@ -269,6 +301,11 @@ def _shard_output(mode: Mode, output: dict[str, Any]) -> Any:
             f"{mode.output_model.__name__}: {e.errors()[0]['msg']} at "
             f"{_loc(e.errors()[0]['loc'])}"
         ) from None
+
+
+def _natural(ref: str) -> tuple[tuple[int, str], ...]:
+    """A version's order among equals: ``v10`` after ``v9`` (numbers compare as numbers)."""
+    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"(\d+)", ref) if p)
 
 
 def _quietly(fn: Any, *args: Any, **kwargs: Any) -> None:

@@ -4,6 +4,7 @@ input) through the frozen core, out through a registered head or as pooled hidde
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from tpm_faas.errors import RequestError, TensorError
 from tpm_faas.modes import pricing
@@ -129,6 +130,10 @@ class EmbedMode(Mode):
         worst = Usage(input_tokens=sum(len(i) for i in ids), bytes_returned=out_bytes)
         body = EmbedBody(input_ids=ids, head=request.head, pooling=request.pooling)
         return self.admitted(worst, body)
+
+    def receipt_extras(self, request: EmbedRequest, admission: Admission) -> dict[str, Any]:
+        # One forward of this request's inputs alone: nothing else shares its batch.
+        return {"batch_invariant": True, "adapter": request.adapter, "head": request.head}
 
     @staticmethod
     def _out_width(request: EmbedRequest, model: ModelInfo) -> int:

@@ -457,6 +457,7 @@ class InterveneMode(Mode):
                 "top_p": request.top_p,
                 "seed": request.seed,
                 "stop_at_eos": request.stop_at_eos,
+                "reproducible": request.reproducible,
             }
         )
         return self.admitted(worst, body)
@@ -471,4 +472,7 @@ class InterveneMode(Mode):
         )
 
     def receipt_extras(self, request: InterveneRequest, admission: Admission) -> dict[str, Any]:
-        return {"intervention_sha256": sha256_json(admission.body["ops"])}
+        return {
+            "intervention_sha256": sha256_json(admission.body["ops"]),
+            "batch_invariant": request.reproducible or request.max_new_tokens == 0,
+        }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tpm_faas.modes import pricing
 from tpm_faas.modes.base import (
     Admission,
@@ -90,6 +92,9 @@ class QueryMode(Mode):
             }
         )
         return self.admitted(worst, body)
+
+    def receipt_extras(self, request: QueryRequest, admission: Admission) -> dict[str, Any]:
+        return {"batch_invariant": request.reproducible}
 
     def usage(self, request: QueryRequest, admission: Admission, output: QueryOutput) -> Usage:
         return Usage(

@@ -130,21 +130,37 @@ class Usage(Record):
 
 
 class Receipt(Record):
-    """What reproduces a result: the checkpoint, the request, the seed, the versions."""
+    """What reproduces a result: the exact weights, the request, the seed, how it ran, the
+    software and the site (``tpm-faas replay`` re-runs it and compares)."""
 
     request_id: str
+    #: The concrete ``NAME@VERSION`` that ran (``NAME@latest`` resolved at admission).
     model: str
+    #: sha256 over the version's files (config, weights, tokenizer, adapters and heads).
     checkpoint_sha256: str
+    #: sha256 of the version store's manifest the weights were rebuilt from (``None``: served
+    #: from a plain directory of a model root).
+    manifest_sha256: str | None = None
     request_sha256: str
     seed: int | None = None
     #: ``intervene`` only: sha256 of the normalised spec the shard group ran.
     intervention_sha256: str | None = None
+    #: ``embed`` only: the adapter and head used; they are part of the version, which
+    #: ``extras_sha256`` (sha256 of its ``extras.safetensors``) pins.
+    adapter: str | None = None
+    head: str | None = None
+    extras_sha256: str | None = None
     dtype: str
     tp_size: int
     #: Expert-parallel ranks (a mixture of experts' routed sum is all-reduced over them).
     ep_size: int = 1
+    #: Whether the result does not depend on what else the group served meanwhile (a
+    #: ``reproducible`` request, or a mode that never batches across requests).
+    batch_invariant: bool = False
     policy_sha256: str
     versions: dict[str, str]
+    #: The site that ran it (``TPM_FAAS_SITE``).
+    site: str = ""
     issued_at: float
 
 

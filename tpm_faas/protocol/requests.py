@@ -64,8 +64,13 @@ def _prompt_shorthand(data: object) -> object:
 
 
 class _ModeRequest(Strict):
+    #: ``NAME@VERSION``, or ``NAME@latest``: the newest version served that the caller may
+    #: use, resolved at admission (the reply and receipt name the concrete one).
     model: ModelRef
     request_id: RequestId | None = None
+    #: Run batch-invariantly (decoded in a batch of this request's own prompts only), so a
+    #: replay on the same version gives the same bits; the site may price it higher.
+    reproducible: bool = False
 
 
 class ChatMessage(Strict):

@@ -220,24 +220,24 @@ class Scheduler:
                 continue
             self._accept(seq, torch.log_softmax(logits[0].float(), dim=-1).cpu())
         active = [s for s in self._running if not s.done and s.request.error is None]
-        if active:
+        for batch in _decode_batches(active):
             plan = {
                 "op": "decode",
-                "slots": [s.slot for s in active],
-                "tokens": [s.new[-1] for s in active],
-                "positions": [s.position for s in active],
+                "slots": [s.slot for s in batch],
+                "tokens": [s.new[-1] for s in batch],
+                "positions": [s.position for s in batch],
             }
             try:
                 logits = self.run_plan(plan)
             except Exception as e:
-                for s in active:
+                for s in batch:
                     self._fail(s.request, e)
             else:
                 # The whole batch at once, then on the host: sampling uses each sequence's
                 # CPU generator, and reading the chosen token needs no device sync per row.
                 logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-                for row, s in enumerate(active):
-                    s.max_batch = max(s.max_batch, len(active))
+                for row, s in enumerate(batch):
+                    s.max_batch = max(s.max_batch, len(batch))
                     self._accept(s, logp[row])
         return self._retire()
 
@@ -352,6 +352,20 @@ class Scheduler:
             item["logit_lens"] = lens = got.get("logit_lens", [])
             name_lens_tokens(lens, self.tok.token_str)
         return {"results": completions, "timing": timing}
+
+
+def _decode_batches(active: list[_Sequence]) -> list[list[_Sequence]]:
+    """The decode batches of one step: every sequence of a ``reproducible`` request decodes
+    in a batch of its own request's sequences only (the same batch whatever else the group
+    serves, so its logits are the same bits on replay); the rest decode together."""
+    shared: list[_Sequence] = []
+    alone: dict[int, list[_Sequence]] = {}
+    for s in active:
+        if s.request.body.get("reproducible"):
+            alone.setdefault(id(s.request), []).append(s)
+        else:
+            shared.append(s)
+    return [b for b in (shared, *alone.values()) if b]
 
 
 #: Words of the messages gloo and NCCL fail with when a peer rank is gone.
