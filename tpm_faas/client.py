@@ -14,7 +14,7 @@ import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,6 +35,8 @@ from tpm_faas.protocol.replies import (
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from tpm_faas.replay import ReplayReport
 
 
 class Transport(Protocol):
@@ -67,6 +69,8 @@ class Result:
     receipt: Receipt
     raw: dict[str, Any] = field(repr=False)
     results_dir: Path | None = field(default=None, repr=False)
+    #: The request as this client sent it (what :meth:`TPMClient.replay` sends again).
+    request: dict[str, Any] | None = field(default=None, repr=False)
     _file: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -217,6 +221,7 @@ class TPMClient:
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
         model: str | None = None,
+        reproducible: bool = False,
     ) -> Result:
         """Generate text (greedy when ``temperature`` is 0) for ``prompts``, or for one
         conversation (``messages``: ``[{"role": "user", "content": "..."}]``) or several
@@ -234,7 +239,7 @@ class TPMClient:
             body["stop"] = list(stop)
         if stop_token_ids:
             body["stop_token_ids"] = list(stop_token_ids)
-        return self.call("query", body, model=model)
+        return self.call("query", body, model=model, reproducible=reproducible)
 
     def embed(
         self,
@@ -248,6 +253,7 @@ class TPMClient:
         head: str | None = None,
         pooling: str = "mean",
         model: str | None = None,
+        reproducible: bool = False,
     ) -> Result:
         """Run ``inputs_embeds`` ([batch, tokens, hidden]), an adapter's raw input, or text
         (``prompts``, ``messages``, ``chats``: through the model's own tokenizer) through the
@@ -262,7 +268,7 @@ class TPMClient:
             body["adapter_input"] = encode_array(adapter_input)
         if head is not None:
             body["head"] = head
-        return self.call("embed", body, model=model)
+        return self.call("embed", body, model=model, reproducible=reproducible)
 
     def intervene(
         self,
@@ -277,6 +283,7 @@ class TPMClient:
         top_p: float = 1.0,
         seed: int = 0,
         model: str | None = None,
+        reproducible: bool = False,
     ) -> Result:
         """Run ``prompts`` (or chats: ``messages``, ``chats``) under a declarative list of
         hook-site reads and writes; positions index the tokens the model's tokenizer makes.
@@ -298,14 +305,43 @@ class TPMClient:
             body["tensors"] = {
                 k: v if isinstance(v, dict) else encode_array(v) for k, v in tensors.items()
             }
-        return self.call("intervene", body, model=model)
+        return self.call("intervene", body, model=model, reproducible=reproducible)
 
-    def call(self, mode: str, body: dict[str, Any], *, model: str | None = None) -> Result:
+    def call(
+        self,
+        mode: str,
+        body: dict[str, Any],
+        *,
+        model: str | None = None,
+        reproducible: bool = False,
+    ) -> Result:
         """Send one request to ``mode`` (a name of :data:`tpm_faas.modes.MODES`) and wait for
-        its result."""
+        its result. ``reproducible``: run it batch-invariantly, so :meth:`replay` gives the
+        same bits (the site may price it higher)."""
+        request = {"model": model or self.model, "request_id": str(uuid.uuid4()), **body}
+        if reproducible:
+            request["reproducible"] = True
+        return self._send(mode, request)
+
+    def replay(self, result: Result, request: Mapping[str, Any] | None = None) -> ReplayReport:
+        """Run ``result``'s request again on the version its receipt names (``@latest``
+        resolved then) and compare: :attr:`ReplayReport.identical`, or where the replay
+        first differs (prompt, token index, site, largest difference).
+
+        :param request: the request as sent (default: the one this client kept on ``result``)
+        :raises RequestError: ``request`` is not the one the receipt was issued for
+        """
+        from tpm_faas.replay import compare, replay_request
+
+        sent = request if request is not None else result.request
+        if sent is None:
+            raise ValueError("this result carries no request; pass the request it was made from")
+        again = self._send(result.mode, replay_request(dict(sent), result.receipt))
+        return compare(result, again)
+
+    def _send(self, mode: str, request: dict[str, Any]) -> Result:
         from tpm_faas.modes import get_mode
 
-        request = {"model": model or self.model, "request_id": str(uuid.uuid4()), **body}
         token = self.token() if callable(self.token) else self.token
         fut = self.transport.submit(get_mode(mode).name, json.dumps(request), token)
         try:
@@ -322,7 +358,7 @@ class TPMClient:
                 request_id=request["request_id"],
                 layer="compute",
             ) from e
-        return parse_reply(reply, results_dir=self.results_dir)
+        return replace(parse_reply(reply, results_dir=self.results_dir), request=request)
 
 
 def parse_reply(reply_json: str, results_dir: Path | None = None) -> Result:

@@ -25,6 +25,7 @@ from tpm_faas.cli.models import sites as _sites
 from tpm_faas.cli.plan import plan as _plan
 from tpm_faas.cli.policy import policy as _policy
 from tpm_faas.cli.register import register as _register
+from tpm_faas.cli.replay import replay as _replay
 from tpm_faas.cli.results import results as _results
 from tpm_faas.modes import MODE_NAMES
 
@@ -56,6 +57,7 @@ for _command in (
     _usage,
     _ledger,
     _results,
+    _replay,
     _auth,
 ):
     main.add_command(_command)
