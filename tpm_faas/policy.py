@@ -316,9 +316,13 @@ class Policy:
 
     def warnings(self) -> list[str]:
         """Valid but probably not meant: models a group allows that have no SU rates."""
-        missing = sorted(
-            {m for g in self.data.groups for m in g.models if self.rates_for(m) is None}
-        )
+        priced = {m.partition("@")[0] for m in self.data.models}
+
+        def unpriced(m: str) -> bool:  # NAME@*: no version of NAME has rates
+            name, _, version = m.partition("@")
+            return name not in priced if version == "*" else self.rates_for(m) is None
+
+        missing = sorted({m for g in self.data.groups for m in g.models if unpriced(m)})
         if not missing:
             return []
         return [f"no SU rates for {', '.join(missing)} (requests will be refused)"]

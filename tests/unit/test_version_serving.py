@@ -207,3 +207,22 @@ def test_reproducible_sequences_never_share_a_decode_batch() -> None:
     # b's two prompts were admitted 3rd and 4th: slots 2 and 3.
     assert all(set(s) == {2, 3} or not set(s) & {2, 3} for s in decodes)
     assert any(set(s) == {2, 3} for s in decodes) and any(len(s) == 4 for s in decodes)
+
+
+def test_policy_version_patterns_rates_and_pins() -> None:
+    from tpm_faas.policy import Caller, Policy, allows_model
+
+    assert allows_model(["m@*"], "m@7") and allows_model(["m@2"], "m@2")
+    assert not allows_model(["m@2"], "m@3") and not allows_model(["m@*"], "mm@1")
+    data = yaml.safe_load((POLICIES / "local-dev.yaml").read_text())
+    base = data["models"]["demo-tpm@1"]
+    data["models"] = {"m@*": base, "m@2": {**base, "per_request": 1.0}}
+    for g in data["groups"]:
+        g["models"] = ["m@*", "n@*"]
+    p = Policy.parse(yaml.safe_dump(data).encode())
+    dev = Caller("dev@localhost", "dev@localhost")
+    assert p.decide(dev, mode="query", model="m@9").rates.per_request == base["per_request"]
+    assert p.decide(dev, mode="query", model="m@2").rates.per_request == 1.0  # its own entry
+    assert p.pinned() == {"m@2"}
+    assert p.allowed_versions(dev, "query", ["m@2", "x@1", "m@3"]) == ["m@2", "m@3"]
+    assert p.warnings() == ["no SU rates for n@* (requests will be refused)"]

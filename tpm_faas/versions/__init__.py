@@ -5,6 +5,6 @@ raw words, optionally as a delta against its parent's, byte-grouped and zstd-com
 the decoded words' sha256 checked on every decode. :mod:`tpm_faas.versions.store` keeps a
 model's lineage of immutable versions in a content-addressed store (manifests of every file
 and tensor, unchanged tensors free, changed ones delta-encoded, keyframes), exports a version
-bit-identically and verifies it. The CLI, serving from the store and replay are still to come
-(see ``docs/versions.md``).
+bit-identically and verifies it. :mod:`tpm_faas.versions.cache` materialises a version for a
+shard group (verified, size-bounded) and resolves ``NAME@latest`` (see ``docs/versions.md``).
 """
