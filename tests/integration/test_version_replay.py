@@ -32,6 +32,7 @@ from tpm_faas.testing.transport import InProcessTransport
 from tpm_faas.versions import store
 
 pytestmark = pytest.mark.integration
+SHM = Path("/dev/shm")
 
 OPS: list[dict[str, Any]] = [
     {"op": "save", "site": "hook_resid_post", "layers": [1, 3]},
@@ -72,8 +73,11 @@ def test_results_replay_bit_identically_after_new_versions_and_a_restart(tmp_pat
     tokens = write_dev_tokens(tmp_path / "home" / "tokens.yaml")
     group = ShardGroup("lin@latest", 1, settings, tmp_path / "runs", max_batch=8, max_wait_ms=50)
     assert group.model == "lin@2"
+    segments = set(SHM.glob("deepspeed_allreduce_buffer_*"))
     group.start()
     try:
+        # The rank dropped its all-reduce segment's name once mapped: nothing left behind.
+        assert set(SHM.glob("deepspeed_allreduce_buffer_*")) <= segments
         client = TPMClient(
             InProcessTransport(Gateway.from_settings(settings)),
             token=tokens["dev"],

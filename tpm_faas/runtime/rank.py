@@ -84,6 +84,9 @@ def serve_rank(
         deepspeed.comm.comm.cdb.shm_vector_kernel_level = 0
     runner = ModelRunner.load(model, Path(model_dir), dtype=dtype, tp_size=tp_size, ep_size=ep_size)
     memory = _gather_memory(runner.weight_bytes, size)  # before the KV cache is allocated
+    # Every rank has mapped every other's all-reduce segment by now: drop this rank's name so
+    # the segment goes when the group does, however it ends (DeepSpeed never unlinks it).
+    _unlink_allreduce_segment(where.master_addr, where.master_port, rank)
     runner.attach_decoder(slots=max_batch)
     served = 0
     if rank == 0:
@@ -107,6 +110,20 @@ def serve_rank(
         dist.barrier()
         dist.destroy_process_group()
     return {"rank": rank, "served": served}
+
+
+#: Where DeepSpeed's CPU shared-memory all-reduce keeps each rank's segment (``shm.cpp``).
+SHM_DIR = Path("/dev/shm")
+
+
+def allreduce_segment(master_addr: str, master_port: int, rank: int) -> Path:
+    """The name of a rank's DeepSpeed CPU all-reduce segment (69 MB per rank)."""
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
+
+
+def _unlink_allreduce_segment(master_addr: str, master_port: int, rank: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        allreduce_segment(master_addr, master_port, rank).unlink()
 
 
 def _gather_memory(weight_bytes: int, size: int) -> list[dict[str, Any]]:
