@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
-from tpm_faas.errors import DuplicateRequest, InsufficientFunds
+from tpm_faas.errors import DuplicateRequest, InsufficientFunds, LedgerError
 from tpm_faas.gateway.ledger import Ledger, transfer_id
 
 
@@ -121,3 +122,47 @@ def test_expiry_never_voids_a_newer_attempt(ledger: Ledger) -> None:
     clock.t += 20  # past attempt 1's expiry, not attempt 2's
     assert ledger.expire_holds() == 0
     assert ledger.post("r1", 50) == 50
+
+
+def test_holds_record_their_model_and_charged_models_are_the_posted_ones(ledger: Ledger) -> None:
+    ledger.hold("r1", "p", 100, ttl_s=60, model="m@1")
+    ledger.post("r1", 10)
+    ledger.hold("r2", "p", 100, ttl_s=60, model="m@2")  # held, never posted
+    ledger.hold("r3", "p", 100, ttl_s=60, model="m@3")
+    ledger.void("r3")
+    ledger.hold("r4", "p", 100, ttl_s=60)  # no model recorded
+    ledger.post("r4", 10)
+    assert ledger.charged_models() == {"m@1"}
+    ledger.hold("r3", "p", 100, ttl_s=60, model="m@4")  # a failover attempt on another version
+    ledger.post("r3", 10)
+    assert ledger.charged_models() == {"m@1", "m@4"}
+    assert ledger.charges("p")[0]["model"] == "m@1"
+    assert [r["requests"] for r in ledger.usage("p")] == [3]
+    assert "model" not in ledger.usage("p")[0]
+    rows = ledger.usage("p", by_model=True)
+    assert [(r["model"], r["requests"], r["charged_micro"]) for r in rows] == [
+        ("", 1, 10), ("m@1", 1, 10), ("m@4", 1, 10)
+    ]  # fmt: skip
+    with pytest.raises(LedgerError, match="200"):
+        ledger.hold("r5", "p", 1, ttl_s=60, model="m@" + "9" * 200)
+    assert ledger.reconcile().ok
+
+
+def test_a_ledger_made_before_models_gains_the_column(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    ledger = Ledger(url)
+    ledger.credit("p", 1000)
+    ledger.hold("old", "p", 100, ttl_s=3600)
+    ledger.post("old", 50)
+    ledger.close()
+    engine = sa.create_engine(url)
+    with engine.begin() as c:
+        c.exec_driver_sql("ALTER TABLE holds DROP COLUMN model")
+    engine.dispose()
+    ledger = Ledger(url)
+    assert ledger.charges("p")[0]["model"] == "" and ledger.charged_models() == set()
+    ledger.hold("new", "p", 100, ttl_s=3600, model="m@2")
+    ledger.post("new", 50)
+    assert ledger.charged_models() == {"m@2"}
+    assert ledger.reconcile().ok
+    ledger.close()

@@ -141,6 +141,9 @@ holds = sa.Table(
     sa.Column("owner_host", sa.String(256), nullable=False, server_default=""),
     sa.Column("owner_pid", sa.Integer, nullable=False, server_default="0"),
     sa.Column("owner_start", sa.BigInteger, nullable=False, server_default="0"),
+    # The model version the request ran on (NAME@VERSION; "" where not recorded): version-store
+    # gc keeps every version a posted charge names (:meth:`Ledger.charged_models`).
+    sa.Column("model", sa.String(200), nullable=False, server_default=""),
     sa.Index("ix_holds_state", "state", "expires_at"),
 )
 
@@ -417,6 +420,10 @@ class Ledger:
                 c.exec_driver_sql(
                     "ALTER TABLE holds ADD COLUMN owner_start BIGINT NOT NULL DEFAULT 0"
                 )
+            if "model" not in cols:  # holds made before: no model recorded
+                c.exec_driver_sql(
+                    "ALTER TABLE holds ADD COLUMN model VARCHAR(200) NOT NULL DEFAULT ''"
+                )
             known = {r.project for r in c.execute(sa.select(balances.c.project))}
             for (name,) in c.execute(sa.select(projects.c.name)).all():
                 if name not in known:  # running sums from the transfers
@@ -540,10 +547,14 @@ class Ledger:
         mode: str = "",
         identity: str = "",
         max_open: int | None = None,
+        model: str = "",
     ) -> Hold:
         """Reserve the worst case of a request; refuses an overdraw, a reused request id, or
         (``max_open``) an identity that already has that many requests held, all checked in
-        the transaction that makes the hold."""
+        the transaction that makes the hold. ``model`` is the version the request runs on
+        (``NAME@VERSION``), kept on the hold (:meth:`charged_models`)."""
+        if len(model) > 200:
+            raise LedgerError("a hold's model is at most 200 characters")
         if amount_micro < 0:
             raise LedgerError("a hold cannot be negative")
         self._maybe_sweep()
@@ -569,6 +580,7 @@ class Ledger:
                                 "owner_host": host,
                                 "owner_pid": pid,
                                 "owner_start": start,
+                                "model": model,
                             },
                         )
                         self._transfers(
@@ -576,7 +588,7 @@ class Ledger:
                         )
                         return h
             except IntegrityError:  # the whole transaction, reservation included, is undone
-                return self._rehold(h, mode, identity, now, max_open)
+                return self._rehold(h, mode, identity, now, max_open, model)
             # Refused: expired holds may be what is in the way; void them and try once more.
             if attempt == 1 and not self._expire(project):
                 break
@@ -592,7 +604,15 @@ class Ledger:
             f"request may cost up to {to_su(amount_micro):.6f} SU"
         )
 
-    def _rehold(self, h: Hold, mode: str, identity: str, now: float, max_open: int | None) -> Hold:
+    def _rehold(
+        self,
+        h: Hold,
+        mode: str,
+        identity: str,
+        now: float,
+        max_open: int | None,
+        model: str = "",
+    ) -> Hold:
         """Hold a request id again whose earlier attempt was voided; refuse any other reuse."""
         host, pid, start = process_owner()
         with self._tx() as c:
@@ -621,6 +641,7 @@ class Ledger:
                     owner_host=host,
                     owner_pid=pid,
                     owner_start=start,
+                    model=model,
                 )
                 .returning(holds.c.project, holds.c.attempt)
             ).first()
@@ -783,6 +804,17 @@ class Ledger:
         with self._read() as c:
             return [dict(r._mapping) for r in c.execute(q)]
 
+    @_available
+    def charged_models(self) -> set[str]:
+        """Every model version (``NAME@VERSION``) a posted charge names."""
+        q = (
+            sa.select(holds.c.model)
+            .where(holds.c.state == "posted", holds.c.model != "")
+            .distinct()
+        )
+        with self._read() as c:
+            return {str(m) for (m,) in c.execute(q)}
+
     def projects(self) -> list[str]:
         with self._read() as c:
             return [r.name for r in c.execute(sa.select(projects.c.name).order_by(projects.c.name))]
@@ -849,34 +881,42 @@ class Ledger:
             ]
         return out
 
-    def usage(self, project: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:
-        """Posted charges grouped by project, UTC day and mode, oldest first."""
+    def usage(
+        self, project: str | None = None, since: float = 0.0, *, by_model: bool = False
+    ) -> list[dict[str, Any]]:
+        """Posted charges grouped by project, UTC day and mode (and, with ``by_model``, the
+        model version: each row then has a ``model`` key), oldest first."""
         day = sa.cast(holds.c.finished_at, sa.BigInteger) // 86400  # UTC day number
+        keys: list[Any] = [holds.c.project, day, holds.c.mode]
+        if by_model:
+            keys.append(holds.c.model)
         q = (
             sa.select(
                 holds.c.project,
                 day.label("day"),
-                holds.c.mode,
+                *keys[2:],
                 sa.func.count().label("requests"),
                 sa.func.sum(holds.c.charged).label("charged"),
             )
             .where(holds.c.state == "posted", holds.c.finished_at >= since)
-            .group_by(holds.c.project, day, holds.c.mode)
-            .order_by(holds.c.project, day, holds.c.mode)
+            .group_by(*keys)
+            .order_by(*keys)
         )
         if project is not None:
             q = q.where(holds.c.project == project)
         with self._read() as c:
-            return [
-                {
+            rows = []
+            for r in c.execute(q):
+                row: dict[str, Any] = {
                     "project": r.project,
                     "day": time.strftime("%Y-%m-%d", time.gmtime(float(r.day) * 86400)),
                     "mode": r.mode,
-                    "requests": int(r.requests),
-                    "charged_micro": int(r.charged),
                 }
-                for r in c.execute(q)
-            ]
+                if by_model:
+                    row["model"] = r.model
+                row |= {"requests": int(r.requests), "charged_micro": int(r.charged)}
+                rows.append(row)
+            return rows
 
     # -- internals ----------------------------------------------------------------------
     def _ensure_project(self, c: Connection, project: str, now: float) -> None:
