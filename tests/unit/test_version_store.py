@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -163,3 +164,30 @@ def test_existing_version_is_never_replaced(
     assert store.load(root, "llama@1").manifest_sha256 == m1.manifest_sha256
     with pytest.raises(VersionError, match="NAME@VERSION"):
         store.commit(v1, root, "../x@1")
+
+
+def test_diff_agrees_with_torch(
+    lineage: tuple[Path, Path, Path, store.Manifest, store.Manifest],
+) -> None:
+    root, v1, v2, _, _ = lineage
+    t1 = st.load_file(str(v1 / "model-00001-of-00002.safetensors"))
+    t1 |= st.load_file(str(v1 / "model-00002-of-00002.safetensors"))
+    t2 = st.load_file(str(v2 / "model-00001-of-00002.safetensors"))
+    t2 |= st.load_file(str(v2 / "model-00002-of-00002.safetensors"))
+    d = store.diff(root, "llama@1", "llama@2")
+    assert {t.name for t in d.changed} == set(CHANGED)
+    for t in d.changed:
+        a, b = t1[t.name], t2[t.name]
+        words = (a.view(torch.int16) != b.view(torch.int16)).double().mean().item()
+        assert t.changed_share == pytest.approx(words)
+        assert t.max_abs_diff == (a.double() - b.double()).abs().max().item()
+    assert all(t.max_abs_diff == 0 for t in d.tensors if t.status == "unchanged")
+
+
+def test_fp8_values_agree_with_torch() -> None:
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8_e4m3fn")
+    patterns = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    want = patterns.view(torch.float8_e4m3fn).double().numpy()
+    got = store._e4m3fn_values()
+    assert ((got == want) | (np.isnan(got) & np.isnan(want))).all()
