@@ -1,19 +1,31 @@
 """``tpm-faas models``, ``tpm-faas sites`` and ``tpm-faas schema``: the model versions a site
-serves, and what a model and a mode accept."""
+serves, and what a model and a mode accept.
+
+``models commit/log/diff/verify/export/gc`` work on the version store
+(:mod:`tpm_faas.versions.store`): ``--store DIR``, else ``TPM_FAAS_VERSION_STORE``.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from tpm_faas.cli._app import echo_json
+from tpm_faas.errors import ConfigError, LedgerError, TPMError, VersionError
 from tpm_faas.modes import MODE_NAMES
+
+if TYPE_CHECKING:
+    from tpm_faas.config import Settings
 
 
 @click.group()
 def models() -> None:
-    """Import, list and show model versions (published Hugging Face checkpoints)."""
+    """Import, list and show model versions (published Hugging Face checkpoints); commit
+    them to the version store, and log, diff, verify, export and collect its versions."""
 
 
 @models.command("add")
@@ -99,6 +111,313 @@ def models_show(model: str, as_json: bool) -> None:
         echo_json(card)
         return
     click.echo(_card_text(model, card))
+
+
+# --- the version store ---------------------------------------------------------------------
+
+# The same variable Settings.version_store reads; click reads it when the command runs.
+_STORE_ENV = "TPM_FAAS_VERSION_STORE"
+
+_store_option = click.option(
+    "--store",
+    "store_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar=_STORE_ENV,
+    show_envvar=True,
+    help="The version store directory.",
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+_workers_option = click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Threads that decode tensors (default: the CPUs, at most 8).",
+)
+
+
+def _store(store_dir: Path | None) -> Path:
+    """The version store: ``--store``, else ``TPM_FAAS_VERSION_STORE``."""
+    if store_dir is None:
+        raise ConfigError(f"no version store: pass --store DIR or set {_STORE_ENV}")
+    return store_dir
+
+
+def _size(n: int) -> str:
+    """Bytes for people (decimal units)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def _table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    table = [head, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@models.command("commit")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("ref", metavar="NAME@VERSION")
+@click.option("--parent", metavar="NAME@PREV", help="Encode the changed tensors against it.")
+@click.option(
+    "--keyframe-every",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="No reconstruction chain longer than this many versions.",
+)
+@_store_option
+@_json_option
+def models_commit(
+    source: Path,
+    ref: str,
+    parent: str | None,
+    keyframe_every: int,
+    store_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Store the checkpoint directory SOURCE as NAME@VERSION in the version store.
+
+    Unchanged tensors cost nothing; a changed one is stored in the smallest lossless encoding
+    (a delta against --parent where that helps). Versions are immutable.
+    """
+    from tpm_faas.versions import store
+
+    root = _store(store_dir)
+    man = store.commit(source, root, ref, parent=parent, keyframe_every=keyframe_every)
+    st = store.stats(root, man.ref)
+    if as_json:
+        echo_json(st.to_json())
+        return
+    click.echo(f"committed {st.ref}" + (f" (parent {st.parent})" if st.parent else ""))
+    if st.parent is None or st.changed is None:
+        click.echo(f"  tensors     {st.tensors}, every one stored")
+    else:
+        click.echo(f"  tensors     {st.tensors}: {st.changed} changed, {st.unchanged} unchanged")
+    click.echo(
+        f"  stored      {_size(st.stored_bytes)} of {_size(st.full_bytes)} "
+        f"({st.share:.1%} of a full copy)"
+    )
+    used = ", ".join(f"{k} {v}" for k, v in st.encodings.items()) or "none"
+    click.echo(f"  encodings   {used}")
+    click.echo(f"  chain       {_chain_text(st.chain)}")
+    click.echo(f"  manifest    sha256 {st.manifest_sha256}")
+
+
+def _chain_text(chain: int) -> str:
+    return "keyframe" if chain == 0 else f"{chain} delta{'s' if chain > 1 else ''} deep"
+
+
+@models.command("log")
+@click.argument("name")
+@_store_option
+@_json_option
+def models_log(name: str, store_dir: Path | None, as_json: bool) -> None:
+    """List the versions of NAME in the version store, oldest first."""
+    from tpm_faas.versions import store
+
+    entries = store.log(_store(store_dir), name)
+    if as_json:
+        echo_json(
+            [
+                {
+                    "version": e.version,
+                    "parent": e.parent,
+                    "created": e.created,
+                    "stored_bytes": e.stored_bytes,
+                    "full_bytes": e.full_bytes,
+                    "share": e.share,
+                    "chain": e.chain,
+                    "manifest_sha256": e.manifest_sha256,
+                }
+                for e in entries
+            ]
+        )
+        return
+    if not entries:
+        click.echo(f"no versions of {name} in the store")
+        return
+    rows = [
+        (
+            e.version,
+            e.parent or "-",
+            e.created,
+            _size(e.stored_bytes),
+            f"{e.share:.1%}",
+            _chain_text(e.chain),
+            e.manifest_sha256[:12],
+        )
+        for e in entries
+    ]
+    _table(("VERSION", "PARENT", "COMMITTED", "STORED", "SHARE", "CHAIN", "MANIFEST"), rows)
+
+
+def _abs(d: float | None) -> str:
+    if d is None:
+        return "-"
+    return str(d) if not math.isfinite(d) else f"{d:.4g}"
+
+
+@models.command("diff")
+@click.argument("a", metavar="A")
+@click.argument("b", metavar="B")
+@_store_option
+@_workers_option
+@_json_option
+def models_diff(a: str, b: str, store_dir: Path | None, workers: int | None, as_json: bool) -> None:
+    """Which tensors and files changed from version A to version B, and by how much."""
+    from tpm_faas.versions import store
+
+    d = store.diff(_store(store_dir), a, b, workers=workers)
+    if as_json:
+        echo_json(d.to_json())
+        return
+    changed = d.changed
+    if changed:
+        rows = [
+            (
+                t.name,
+                t.status,
+                f"{t.changed_share:.1%}",
+                _abs(t.max_abs_diff),
+                t.encoding or "-",
+                _size(t.stored_bytes),
+            )
+            for t in changed
+        ]
+        _table(("TENSOR", "STATUS", "CHANGED", "MAX |Δ|", "ENCODING", "STORED"), rows)
+    stored = sum(t.stored_bytes for t in changed)
+    click.echo(
+        f"{d.a} -> {d.b}: {len(changed)} of {len(d.tensors)} tensors changed "
+        f"({_size(stored)} stored for them)"
+    )
+    for what, files in (
+        ("added", d.files_added),
+        ("removed", d.files_removed),
+        ("changed", d.files_changed),
+    ):
+        if files:
+            click.echo(f"files {what}: {', '.join(files)}")
+
+
+@models.command("verify")
+@click.argument("ref", metavar="NAME@VERSION")
+@_store_option
+@_workers_option
+@_json_option
+def models_verify(ref: str, store_dir: Path | None, workers: int | None, as_json: bool) -> None:
+    """Rebuild every tensor and file of NAME@VERSION and check every hash."""
+    from tpm_faas.versions import store
+
+    problems = store.verify(_store(store_dir), ref, workers=workers)
+    if as_json:
+        echo_json({"ref": ref, "ok": not problems, "problems": problems})
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise VersionError(f"{ref} does not verify: {problems[0]}{more}")
+    if not as_json:
+        click.echo(f"ok {ref}: every object, tensor and file matches its sha256")
+
+
+@models.command("export")
+@click.argument("ref", metavar="NAME@VERSION")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@_store_option
+@_workers_option
+def models_export(ref: str, dest: Path, store_dir: Path | None, workers: int | None) -> None:
+    """Rebuild NAME@VERSION as a plain Hugging Face directory DEST (new or empty),
+    bit-identical to what was committed."""
+    from tpm_faas.versions import store
+
+    man = store.export(_store(store_dir), ref, dest, workers=workers)
+    click.echo(
+        f"exported {man.ref} to {dest} ({len(man.files)} files, {_size(man.full_bytes)}, "
+        "every file checked)"
+    )
+
+
+@models.command("gc")
+@_store_option
+@click.option(
+    "--keep-last",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Keep this many newest versions of every name.",
+)
+@click.option("--dry-run", is_flag=True, help="Remove nothing; say what would go.")
+@click.option(
+    "--no-ledger",
+    is_flag=True,
+    help="Go on without the ledger's charges (versions charged for may then be removed).",
+)
+@_json_option
+def models_gc(
+    store_dir: Path | None, keep_last: int, dry_run: bool, no_ledger: bool, as_json: bool
+) -> None:
+    """Remove the versions no one needs, and the objects only they used.
+
+    Kept: versions a posted charge in the ledger names, versions the site policy names
+    (a group's models, the SU rates table), the newest --keep-last of every name, and the
+    delta bases of every kept version.
+    """
+    from tpm_faas.config import Settings
+    from tpm_faas.versions import store
+
+    root = _store(store_dir)
+    settings = Settings.from_env()
+    keep: dict[str, list[str]] = {}
+    if not no_ledger:
+        for ref in _charged(settings):
+            keep.setdefault(ref, []).append("charged in the ledger")
+    for ref in _pinned(settings):
+        keep.setdefault(ref, []).append("pinned by the site policy")
+    report = store.gc(
+        root,
+        keep={ref: "; ".join(why) for ref, why in keep.items()},
+        keep_last=keep_last,
+        dry_run=dry_run,
+    )
+    if as_json:
+        echo_json(report.to_json())
+        return
+    for ref, why in report.kept.items():
+        click.echo(f"kept {ref}: {why}")
+    verb = "would remove" if dry_run else "removed"
+    for ref in report.removed:
+        click.echo(f"{verb} {ref}")
+    click.echo(
+        f"{'would free' if dry_run else 'freed'} {report.objects_freed} objects, "
+        f"{_size(report.bytes_freed)}"
+    )
+
+
+def _charged(settings: Settings) -> set[str]:
+    """The model versions the ledger's posted charges name; refuses when it cannot tell."""
+    try:
+        from tpm_faas.gateway.ledger import Ledger
+
+        ledger = Ledger(settings.ledger_url)
+        try:
+            return ledger.charged_models()
+        finally:
+            ledger.close()
+    except (TPMError, ImportError) as e:
+        why = e.message if isinstance(e, TPMError) else f"{e} (pip install 'tpm-faas[site]')"
+        raise LedgerError(
+            f"gc keeps the versions the ledger charged for, and cannot read them: {why}; "
+            "pass --no-ledger to go on without them"
+        ) from e
+
+
+def _pinned(settings: Settings) -> set[str]:
+    """The concrete versions the site policy names (patterns such as ``name@*`` pin none)."""
+    from tpm_faas.policy import PolicyStore
+
+    data = PolicyStore(settings.policy_path).current().data
+    named = {m for g in data.groups for m in g.models} | set(data.models)
+    return {m for m in named if "*" not in m and "@" in m}
 
 
 def _params(n: object) -> str:
