@@ -160,6 +160,22 @@ def test_results_replay_bit_identically_after_new_versions_and_a_restart(tmp_pat
             env={**settings.to_env(), "TPM_FAAS_TOKEN": tokens["dev"]},
         )
         assert run.exit_code == 1 and "differs: generated tokens, prompt 0, token 2" in run.output
+
+        # The ledger names the concrete version each charge ran on; gc keeps it.
+        ledger = Ledger(settings.ledger_url)
+        assert ledger.charged_models() == {"lin@2"}
+        ledger.close()
+        run = CliRunner().invoke(
+            main, ["models", "gc", "--keep-last", "1", "--dry-run", "--json"], env=settings.to_env()
+        )
+        assert run.exit_code == 0, run.output
+        kept = json.loads(run.output)["kept"]
+        assert "charged in the ledger" in kept["lin@2"]
+        assert kept == {
+            "lin@1": "base of lin@2",
+            "lin@2": "charged in the ledger",
+            "lin@3": "newest of lin",
+        }
     finally:
         group.stop()
 

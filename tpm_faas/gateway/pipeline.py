@@ -182,6 +182,7 @@ class Gateway:
                 ttl_s=policy.data.hold_ttl_s,
                 mode=mode.name,
                 identity=principal.identity,
+                model=request.model,  # the concrete version: gc keeps what was charged
                 max_open=limits.max_concurrent,
             )
         except BaseException:  # refused by the ledger (funds, concurrency, duplicate)
