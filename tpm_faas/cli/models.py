@@ -415,9 +415,7 @@ def _pinned(settings: Settings) -> set[str]:
     """The concrete versions the site policy names (patterns such as ``name@*`` pin none)."""
     from tpm_faas.policy import PolicyStore
 
-    data = PolicyStore(settings.policy_path).current().data
-    named = {m for g in data.groups for m in g.models} | set(data.models)
-    return {m for m in named if "*" not in m and "@" in m}
+    return PolicyStore(settings.policy_path).current().pinned()
 
 
 def _params(n: object) -> str:
