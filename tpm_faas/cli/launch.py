@@ -98,7 +98,10 @@ def launch(
     queue_timeout: float | None,
     as_json: bool,
 ) -> None:
-    """Start a shard group for MODEL and keep it serving until interrupted."""
+    """Start a shard group for MODEL and keep it serving until interrupted.
+
+    MODEL is NAME@VERSION from the model roots or the version store (rebuilt once into the
+    cache, verified), or NAME@latest: the store's newest version of NAME now."""
     from tpm_faas.launcher import Allocation
 
     allocation = Allocation()
