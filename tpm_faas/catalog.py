@@ -321,6 +321,8 @@ def import_checkpoint(
     existing version is never replaced.
     """
     name, version = split_ref(model)
+    if version == LATEST:
+        raise ConfigError(f"{model}: '{LATEST}' names the newest version; import a concrete one")
     source = source.resolve()
     if not source.is_dir():
         raise ConfigError(f"{source.name} is not a directory")

@@ -226,3 +226,12 @@ def test_policy_version_patterns_rates_and_pins() -> None:
     assert p.pinned() == {"m@2"}
     assert p.allowed_versions(dev, "query", ["m@2", "x@1", "m@3"]) == ["m@2", "m@3"]
     assert p.warnings() == ["no SU rates for n@* (requests will be refused)"]
+
+
+def test_latest_is_never_a_committed_or_imported_version(tmp_path: Path) -> None:
+    from tpm_faas.catalog import import_checkpoint
+
+    with pytest.raises(VersionError, match="names the newest version"):
+        store.commit(BASE, tmp_path / "store", "lin@latest")
+    with pytest.raises(ConfigError, match="names the newest version"):
+        import_checkpoint(BASE, "lin@latest", tmp_path / "models")

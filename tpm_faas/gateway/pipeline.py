@@ -264,7 +264,7 @@ class Gateway:
         allowed = policy.allowed_versions(caller, mode, newest)
         if not allowed:
             policy.decide(caller, mode=mode, model=newest[0])  # raises, saying why
-        return allowed[0]
+        return allowed[0] if allowed else newest[0]
 
     def _with_results(self, request: Any, principal: Principal, limits: Limits) -> Any:
         """``request`` with tensors named from the caller's earlier results read in (intervene's

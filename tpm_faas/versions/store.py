@@ -60,6 +60,7 @@ from typing import IO, Any, Final, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from tpm_faas.catalog import LATEST
 from tpm_faas.errors import ConfigError, VersionError
 from tpm_faas.runtime.model_store import _ST_DTYPES, read_header
 from tpm_faas.versions import codec
@@ -412,7 +413,8 @@ def commit(
     if keyframe_every < 1:
         raise VersionError("keyframe_every must be at least 1")
     src, root = Path(src_dir), Path(store)
-    parse_ref(ref)
+    if parse_ref(ref)[1] == LATEST:
+        raise VersionError(f"{ref}: '{LATEST}' names the newest version; commit a concrete one")
     if not src.is_dir():
         raise VersionError(f"{src} is not a directory")
     with _locked(root, create=True):  # gc waits until the manifest names every object
