@@ -26,8 +26,10 @@ version and thread count)::
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
+import math
 import random
 import shutil
 import tempfile
@@ -74,10 +76,12 @@ CHECK_CHATS = (
 )
 
 
-def chat_config(ids: dict[str, int]) -> LlamaConfig:
-    """The shape of ``demo-chat@1``: ``demo-tpm@1``'s blocks on a 2,048-id BPE vocabulary."""
+def chat_config(ids: dict[str, int], **shape: Any) -> LlamaConfig:
+    """The shape of ``demo-chat@1``: ``demo-tpm@1``'s blocks on a 2,048-id BPE vocabulary;
+    ``shape`` overrides any of its fields (``hidden_size=384``: a wider model of the same
+    kind, as ``bench/versions.py`` trains)."""
     chat = STYLES[STYLE]
-    return LlamaConfig(
+    fields: dict[str, Any] = dict(
         vocab_size=VOCAB,
         hidden_size=256,
         intermediate_size=704,
@@ -91,6 +95,7 @@ def chat_config(ids: dict[str, int]) -> LlamaConfig:
         eos_token_id=[ids[s] for s in chat.stop],
         pad_token_id=ids[chat.eos],
     )
+    return LlamaConfig(**(fields | shape))
 
 
 def exercise(verses: list[str], rng: random.Random) -> list[dict[str, str]]:
@@ -212,6 +217,106 @@ def publish(model: Any, corpus: ChatCorpus, model_ref: str, out_root: Path) -> d
     if dest.exists():
         shutil.rmtree(dest)
     return import_checkpoint(ckpt, model_ref, out_root, copy=True)
+
+
+def save_checkpoint(model: Any, corpus: ChatCorpus, out_dir: Path) -> Path:
+    """Write ``model`` in bf16 beside the tokenizer as a plain Hugging Face directory
+    ``out_dir`` (new; nothing imported), as a trainer publishes a version of a model it keeps
+    training: ``model`` itself is untouched (its float32 master weights are kept)."""
+    out_dir.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(corpus.work / name, out_dir / name)
+    write_checkpoint(copy.deepcopy(model).to(torch.bfloat16), out_dir, corpus.style)
+    return out_dir
+
+
+def train_more(
+    model: Any,
+    corpus: ChatCorpus,
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    params: list[torch.nn.Parameter] | None = None,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    chat_rows: int = 4,
+    log_every: int = 50,
+) -> float:
+    """Train ``model`` further from its current weights, as a new run of :func:`train` does
+    from scratch (a fresh AdamW, the same warm-up and cosine schedule, batches of ``seed``);
+    only ``params`` (default: all) train, the others are frozen for the run. Returns the
+    final loss (an exponential moving average)."""
+    trainable = list(model.parameters()) if params is None else list(params)
+    ids = {id(p) for p in trainable}
+    frozen = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+        batch = chat_batches(
+            corpus, seed=seed, seq_len=seq_len, batch_size=batch_size, chat_rows=chat_rows
+        )
+        return fit(model, opt, batch, steps=steps, lr=lr, log_every=log_every)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update ``(alpha / rank) * B @ A``
+    (LoRA; ``B`` starts at zero, so the model starts as it was)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, gen: torch.Generator):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        a = torch.randn(rank, base.in_features, generator=gen) / math.sqrt(base.in_features)
+        self.lora_a = torch.nn.Parameter(a)
+        self.lora_b = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low_rank: torch.Tensor = (x @ self.lora_a.T) @ self.lora_b.T
+        out: torch.Tensor = self.base(x) + low_rank * self.scale
+        return out
+
+    @torch.no_grad()
+    def merged(self) -> torch.nn.Linear:
+        """The base layer with the update added into its weight."""
+        self.base.weight += (self.lora_b @ self.lora_a) * self.scale
+        return self.base
+
+
+def add_lora(
+    model: Any,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 0,
+) -> list[torch.nn.Parameter]:
+    """Wrap every linear layer named in ``targets`` (``q_proj``...) in a :class:`LoRALinear`;
+    returns the LoRA parameters (train those alone with :func:`train_more`, then
+    :func:`merge_lora`)."""
+    gen = torch.Generator().manual_seed(seed)
+    params: list[torch.nn.Parameter] = []
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, torch.nn.Linear):
+                lora = LoRALinear(child, rank, alpha, gen)
+                setattr(module, child_name, lora)
+                params += [lora.lora_a, lora.lora_b]
+    if not params:
+        raise ValueError(f"no linear layer named any of {targets}")
+    return params
+
+
+def merge_lora(model: Any) -> None:
+    """Add every :class:`LoRALinear`'s update into its base weight and put the base back."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, child_name, child.merged())
 
 
 def training_info(

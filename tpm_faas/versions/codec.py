@@ -18,7 +18,9 @@ most significant plane first) and, except ``raw``, zstd:
     is subtracted (modulo 2**bits, so every pattern is reachable), the difference is zigzag
     folded so small moves either way are small numbers, and the entries are ordered by the
     parent's exponent field (a stable argsort the decoder recomputes from the parent, so the
-    order costs nothing to store); then grouped and zstd'd.
+    order costs nothing to store); then grouped and zstd'd, each run of one parent exponent
+    in each plane starting a zstd block of its own, so that each block's entropy tables fit
+    that run alone (a plain zstd frame still: the block boundaries change only its size).
 
 :func:`best` tries every applicable encoding (the delta ones only with a parent of the same
 dtype and shape) and keeps the smallest. The :class:`Encoded` record (``to_json`` for the
@@ -31,6 +33,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
 
@@ -183,7 +188,12 @@ def _group(words: Words) -> bytes:
     size = flat.dtype.itemsize
     if size == 1:
         return flat.tobytes()
-    return np.ascontiguousarray(flat.view(np.uint8).reshape(-1, size)[:, ::-1].T).tobytes()
+    n = flat.size
+    planes = np.empty(size * n, dtype=np.uint8)
+    bytes_ = flat.view(np.uint8).reshape(-1, size)
+    for i in range(size):  # one strided copy per plane (a transposing copy is slower)
+        planes[i * n : (i + 1) * n] = bytes_[:, size - 1 - i]
+    return planes.tobytes()
 
 
 def _ungroup(data: bytes, dt: DType) -> Words:
@@ -191,22 +201,31 @@ def _ungroup(data: bytes, dt: DType) -> Words:
     planes = np.frombuffer(data, dtype=np.uint8)
     if size == 1:
         return cast(Words, planes.copy().view(dt.word))
-    out = np.ascontiguousarray(planes.reshape(size, -1)[::-1].T)
-    return cast(Words, out.view(dt.word).reshape(-1))
+    n = planes.size // size
+    out = np.empty(n, dtype=dt.word)
+    bytes_ = out.view(np.uint8).reshape(-1, size)
+    for i in range(size):
+        bytes_[:, size - 1 - i] = planes[i * n : (i + 1) * n]
+    return cast(Words, out)
 
 
 def _ordered(words: Words, dt: DType) -> Words:
     """Bit patterns mapped to integers in the floats' order (positive: set the sign bit;
     negative: invert all bits), so the difference counts representable steps."""
-    sign = dt.word.type(1 << (dt.bits - 1))
-    negative = (words & sign) != 0
-    return cast(Words, np.where(negative, ~words, words | sign).astype(dt.word, copy=False))
+    # Both cases are one XOR: with the sign bit s, by (s ? all ones : the sign bit).
+    mask = (words >> dt.word.type(dt.bits - 1)) * dt.word.type((1 << (dt.bits - 1)) - 1)
+    mask |= dt.word.type(1 << (dt.bits - 1))
+    mask ^= words
+    return cast(Words, mask)
 
 
 def _unordered(ordered: Words, dt: DType) -> Words:
-    sign = dt.word.type(1 << (dt.bits - 1))
-    positive = (ordered & sign) != 0
-    return cast(Words, np.where(positive, ordered ^ sign, ~ordered).astype(dt.word, copy=False))
+    # The inverse: the sign bit set (a positive float) flips it alone, else every bit flips.
+    top = dt.word.type(1)
+    mask = ((ordered >> dt.word.type(dt.bits - 1)) ^ top) * dt.word.type((1 << (dt.bits - 1)) - 1)
+    mask |= dt.word.type(1 << (dt.bits - 1))
+    mask ^= ordered
+    return cast(Words, mask)
 
 
 def _signed(dt: DType) -> np.dtype[Any]:
@@ -223,26 +242,85 @@ def _unzigzag(z: Words, dt: DType) -> Words:
     return cast(Words, (z >> one) ^ (dt.word.type(0) - (z & one)))
 
 
-def _parent_order(parent: Words, dt: DType) -> npt.NDArray[np.intp]:
-    """The stable order of the parent's entries by exponent field (recomputed on decode)."""
-    mask = (1 << dt.exponent_bits) - 1
-    exponent = ((parent.reshape(-1) >> dt.mantissa_bits) & mask).astype(np.uint8)
-    return np.argsort(exponent, kind="stable")
+#: Entries per block of :func:`_by_exponent`: a block's stable argsort stays in the caches.
+_BLOCK: Final = 1 << 17
 
 
-def _step_words(child: Words, parent: Words, dt: DType) -> Words:
+def _exponents(parent: Words, dt: DType) -> npt.NDArray[np.uint8]:
+    """The parent's exponent fields, the key of the step encoding's order."""
+    mask = dt.word.type((1 << dt.exponent_bits) - 1)
+    return cast(
+        npt.NDArray[np.uint8], ((parent.reshape(-1) >> dt.mantissa_bits) & mask).astype(np.uint8)
+    )
+
+
+def _segments(keys: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Per block of :data:`_BLOCK` keys, how many of each key it holds, and where the entries
+    of that block and key start in the stable order by key (key-major, then block order)."""
+    nb = max(1, -(-keys.size // _BLOCK))
+    counts = np.empty((nb, 256), dtype=np.int64)
+    for b in range(nb):
+        counts[b] = np.bincount(keys[b * _BLOCK : (b + 1) * _BLOCK], minlength=256)
+    flat = counts.T.reshape(-1)
+    starts = (np.cumsum(flat) - flat).reshape(256, nb)
+    return counts, starts
+
+
+def _by_exponent(
+    z: Words,
+    keys: npt.NDArray[np.uint8],
+    segments: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None,
+) -> Words:
+    """``z`` in the stable order of ``keys`` (``z[np.argsort(keys, kind="stable")]``), built
+    a block at a time: each block's entries sorted locally, then its run of each key copied
+    to where that key's entries of that block go. ``segments``: :func:`_segments` of
+    ``keys`` when already made."""
+    counts, starts = _segments(keys) if segments is None else segments
+    out = np.empty_like(z)
+    for b in range(counts.shape[0]):
+        lo, hi = b * _BLOCK, (b + 1) * _BLOCK
+        block = z[lo:hi][np.argsort(keys[lo:hi], kind="stable")]
+        at = 0
+        for k in np.flatnonzero(counts[b]).tolist():
+            n, start = int(counts[b, k]), int(starts[k, b])
+            out[start : start + n] = block[at : at + n]
+            at += n
+    return out
+
+
+def _from_exponent(zs: Words, keys: npt.NDArray[np.uint8]) -> Words:
+    """The inverse of :func:`_by_exponent`."""
+    counts, starts = _segments(keys)
+    out = np.empty_like(zs)
+    for b in range(counts.shape[0]):
+        lo, hi = b * _BLOCK, (b + 1) * _BLOCK
+        runs = [
+            zs[int(starts[k, b]) : int(starts[k, b]) + int(counts[b, k])]
+            for k in np.flatnonzero(counts[b]).tolist()
+        ]
+        out[lo:hi][np.argsort(keys[lo:hi], kind="stable")] = (
+            np.concatenate(runs) if runs else zs[:0]
+        )
+    return out
+
+
+def _step_words(child: Words, parent: Words, dt: DType) -> tuple[Words, list[int]]:
+    """The step encoding's words before grouping, and where each run of one parent exponent
+    ends in them."""
     with np.errstate(over="ignore"):
         diff = _ordered(child.reshape(-1), dt) - _ordered(parent.reshape(-1), dt)
-    return _zigzag(cast(Words, diff.astype(dt.word, copy=False)), dt)[_parent_order(parent, dt)]
+    keys = _exponents(parent, dt)
+    segments = _segments(keys)
+    ends = np.cumsum(segments[0].sum(axis=0))
+    return _by_exponent(_zigzag(diff, dt), keys, segments), sorted(set(ends.tolist()))
 
 
 def _unstep_words(z: Words, parent: Words, dt: DType) -> Words:
-    unsorted = np.empty_like(z)
-    unsorted[_parent_order(parent, dt)] = z
-    diff = _unzigzag(unsorted, dt)
+    diff = _unzigzag(_from_exponent(z, _exponents(parent, dt)), dt)
     with np.errstate(over="ignore"):
-        ordered = _ordered(parent.reshape(-1), dt) + diff
-    return _unordered(cast(Words, ordered.astype(dt.word, copy=False)), dt)
+        ordered = _ordered(parent.reshape(-1), dt)
+        ordered += diff
+    return _unordered(ordered, dt)
 
 
 def _zstd() -> Any:
@@ -251,9 +329,57 @@ def _zstd() -> Any:
     return require("zstandard", "versions")
 
 
-def _compress(data: bytes, level: int) -> bytes:
+#: Each thread's zstd compressors (by level) and decompressor, made once and reused (a
+#: zstandard context is not thread-safe, and making one per tensor costs its allocations).
+_contexts = threading.local()
+
+
+#: The step encoding's zstd blocks hold at least this many entries of each plane...
+_MIN_RUN: Final = 1024
+#: ...and a tensor with fewer entries is one run (blocks of its own cost more than they save).
+_MIN_CUT_COUNT: Final = 1 << 15
+
+
+def _block_cuts(ends: list[int], count: int, planes: int) -> list[int]:
+    """Where the step encoding's grouped bytes start a new zstd block: at the end of each run
+    of one parent exponent in each plane (runs shorter than :data:`_MIN_RUN` merged with the
+    next), and at each plane's end."""
+    if count < _MIN_CUT_COUNT:
+        return []
+    kept: list[int] = []
+    last = 0
+    for end in ends:
+        if end - last >= _MIN_RUN and count - end >= _MIN_RUN:
+            kept.append(end)
+            last = end
+    kept.append(count)
+    return [i * count + end for i in range(planes) for end in kept][:-1]
+
+
+def _compress(data: bytes, level: int, cuts: list[int] | None = None) -> bytes:
+    """One zstd frame (content size written); with ``cuts``, each of those offsets starts a
+    new block, so that each block's entropy tables fit the statistics of its part alone (the
+    frame decodes the same way as any other)."""
     zstd = _zstd()
-    return cast(bytes, zstd.ZstdCompressor(level=level, write_content_size=True).compress(data))
+    cache: dict[int, Any] | None = getattr(_contexts, "compressors", None)
+    if cache is None:
+        cache = _contexts.compressors = {}
+    cctx = cache.get(level)
+    if cctx is None:
+        cctx = cache[level] = zstd.ZstdCompressor(level=level, write_content_size=True)
+    if not cuts:
+        return cast(bytes, cctx.compress(data))
+    cobj = cctx.compressobj(size=len(data))
+    view = memoryview(data)
+    out = []
+    start = 0
+    for cut in [*cuts, len(data)]:
+        if cut > start:
+            out.append(cobj.compress(view[start:cut]))
+            out.append(cobj.flush(zstd.COMPRESSOBJ_FLUSH_BLOCK))
+            start = cut
+    out.append(cobj.flush())
+    return b"".join(out)
 
 
 def _decompress(payload: bytes, expected: int, name: str) -> bytes:
@@ -267,8 +393,11 @@ def _decompress(payload: bytes, expected: int, name: str) -> bytes:
             f"tensor {name!r}: the payload holds {declared} bytes; "
             f"its dtype and shape need {expected}"
         )
+    dctx = getattr(_contexts, "decompressor", None)
+    if dctx is None:
+        dctx = _contexts.decompressor = zstd.ZstdDecompressor()
     try:
-        data = zstd.ZstdDecompressor().decompress(payload, max_output_size=expected)
+        data = dctx.decompress(payload, max_output_size=expected)
     except zstd.ZstdError as e:
         raise VersionError(f"tensor {name!r}: corrupted payload ({e})") from e
     if len(data) != expected:
@@ -276,6 +405,24 @@ def _decompress(payload: bytes, expected: int, name: str) -> bytes:
             f"tensor {name!r}: the payload decodes to {len(data)} bytes; expected {expected}"
         )
     return cast(bytes, data)
+
+
+#: Tensors of at least this many bytes have their candidate encodings made side by side.
+_PARALLEL_BYTES: Final = 1 << 18
+_pool_lock = threading.Lock()
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _candidates_pool() -> ThreadPoolExecutor:
+    """The threads :func:`encode` makes a large tensor's candidates on (zstd, numpy and
+    sha256 release the GIL), made on first use in each process (a forked child has none of
+    its parent's threads)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            workers = min(3, os.cpu_count() or 1)
+            _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="tpm-codec"))
+        return _pool[1]
 
 
 def _applicable(child: Words, parent: npt.NDArray[Any] | None, dt: DType) -> Words | None:
@@ -325,23 +472,32 @@ def encode(
         candidates = (encoding,)
     else:
         raise VersionError(f"unknown encoding {encoding!r}; choose from {', '.join(ENCODINGS)}")
-    best: Encoded | None = None
-    for enc in candidates:
-        payload = _payload(enc, words, pwords, dt, level)
-        if best is None or len(payload) < best.nbytes:
-            best = Encoded(
-                encoding=enc,
-                dtype=dt.name,
-                shape=tuple(int(s) for s in words.shape),
-                sha256=sha,
-                nbytes=len(payload),
-                level=0 if enc == "raw" else level,
-                parent_sha256=parent_sha if enc in DELTA_ENCODINGS else None,
-                name=name,
-                payload=payload,
-            )
-    assert best is not None
-    return best
+    # raw's size is known without making it; the others are made (side by side when large).
+    made = [e for e in candidates if e != "raw"]
+    if len(made) > 1 and words.nbytes >= _PARALLEL_BYTES:
+        jobs = [_candidates_pool().submit(_payload, e, words, pwords, dt, level) for e in made]
+        payloads = {e: job.result() for e, job in zip(made, jobs, strict=True)}
+    else:
+        payloads = {e: _payload(e, words, pwords, dt, level) for e in made}
+    chosen: Encoding | None = None
+    size = 0
+    for enc in candidates:  # the first of the smallest, in the order of ENCODINGS
+        n = words.nbytes if enc == "raw" else len(payloads[enc])
+        if chosen is None or n < size:
+            chosen, size = enc, n
+    assert chosen is not None
+    payload = _group(words) if chosen == "raw" else payloads[chosen]
+    return Encoded(
+        encoding=chosen,
+        dtype=dt.name,
+        shape=tuple(int(s) for s in words.shape),
+        sha256=sha,
+        nbytes=len(payload),
+        level=0 if chosen == "raw" else level,
+        parent_sha256=parent_sha if chosen in DELTA_ENCODINGS else None,
+        name=name,
+        payload=payload,
+    )
 
 
 def best(
@@ -364,7 +520,8 @@ def _payload(enc: Encoding, words: Words, pwords: Words | None, dt: DType, level
     assert pwords is not None
     if enc == "xor":
         return _compress(_group(words.reshape(-1) ^ pwords.reshape(-1)), level)
-    return _compress(_group(_step_words(words, pwords, dt)), level)
+    z, ends = _step_words(words, pwords, dt)
+    return _compress(_group(z), level, _block_cuts(ends, z.size, dt.itemsize))
 
 
 def decode(enc: Encoded, parent: npt.NDArray[Any] | None = None) -> Words:
