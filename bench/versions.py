@@ -435,7 +435,9 @@ def restore_times(
     out: dict[str, dict[str, Any]] = {}
     for v in versions:
         ref, src = v["ref"], ckpts / v["ref"]
-        times: dict[str, list[float]] = {"baseline": [], "export": [], "verify": []}
+        times: dict[str, list[float]] = {"baseline": [], "export": [], "verify": [], "cached": []}
+        # The serving cache's case: the parent is already rebuilt there (its plain files).
+        known = {v["parent"]: ckpts / v["parent"]} if v["parent"] else {}
         exact = True
         problems: list[str] = []
         for r in range(repeats):
@@ -447,6 +449,13 @@ def restore_times(
             times["export"].append(timed(partial(store.export, root, ref, dest)))
             if r == 0:
                 exact = same_files(src, dest)
+            shutil.rmtree(dest)
+            evict(root)
+            for d in known.values():
+                evict(d)
+            times["cached"].append(timed(partial(store.export, root, ref, dest, known=known)))
+            if r == 0:
+                exact = exact and same_files(src, dest)
             shutil.rmtree(dest)
             evict(root)
             t0 = time.perf_counter()
@@ -497,6 +506,8 @@ def measure(plan: Plan, work: Path, repeats: int, keyframe_every: int) -> dict[s
                     "verify_s": r["verify"],
                     "restore_baseline_s": r["baseline"],
                     "restore_ratio": r["export"] / r["baseline"],
+                    "restore_cached_s": r["cached"],
+                    "restore_cached_ratio": r["cached"] / r["baseline"],
                     "verify_ratio": r["verify"] / r["baseline"],
                     "bit_exact": r["bit_exact"],
                     "verify_problems": r["verify_problems"],
@@ -519,6 +530,7 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     dense_xor = sum(r["bytes"]["xor"] for r in dense)
     worst_dense = max((r["store_vs_xor"] for r in dense), default=0.0)
     restore = max(r["restore_ratio"] for r in rows)
+    cached = max(r["restore_cached_ratio"] for r in rows)
     return {
         "bit_exact": {
             "value": sum(not r["bit_exact"] or bool(r["verify_problems"]) for r in rows),
@@ -546,6 +558,12 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "what": f"worst restore time / copy + sha256 (aim <= {RESTORE_AIM})",
             "met": restore <= RESTORE_AIM,
         },
+        "restore_on_cached_parent": {
+            "value": cached,
+            "what": "worst restore time with the parent already rebuilt (the serving cache) / "
+            f"copy + sha256 (aim <= {RESTORE_AIM})",
+            "met": cached <= RESTORE_AIM,
+        },
         "commit": {
             "value": max(r["commit_ratio"] for r in rows),
             "what": "worst commit time / copy + sha256 (no target)",
@@ -558,7 +576,7 @@ def table(result: dict[str, Any]) -> str:
     head = (
         f"{'version':<14} {'chain':>5} {'words chg':>9} {'tensors chg':>11} {'full':>5} "
         f"{'zstd':>6} {'group':>6} {'dedup':>6} {'XOR':>6} {'store':>6} {'st/XOR':>6} "
-        f"{'restore x':>9} {'verify x':>8} {'commit x':>8}"
+        f"{'restore x':>9} {'on parent x':>11} {'verify x':>8} {'commit x':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
@@ -570,7 +588,8 @@ def table(result: dict[str, Any]) -> str:
             f"{r['tensors_changed']:>5}/{r['tensors']:<5} {sh['full']:>5.2f} "
             f"{sh['zstd_files']:>6.3f} {sh['grouped_zstd']:>6.3f} {sh['tensor_dedup']:>6.3f} "
             f"{sh['xor']:>6.3f} {sh['store']:>6.3f} {svx:>6} {r['restore_ratio']:>9.2f} "
-            f"{r['verify_ratio']:>8.2f} {r['commit_ratio']:>8.2f}"
+            f"{r['restore_cached_ratio']:>11.2f} {r['verify_ratio']:>8.2f} "
+            f"{r['commit_ratio']:>8.2f}"
         )
     lines.append(
         "(shares of a full copy of the weights; XOR = tensor dedup + XOR + grouping + zstd; "

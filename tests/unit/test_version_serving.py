@@ -235,3 +235,35 @@ def test_latest_is_never_a_committed_or_imported_version(tmp_path: Path) -> None
         store.commit(BASE, tmp_path / "store", "lin@latest")
     with pytest.raises(ConfigError, match="names the newest version"):
         import_checkpoint(BASE, "lin@latest", tmp_path / "models")
+
+
+def test_a_version_already_rebuilt_is_the_base_of_the_next(lineage: Path, tmp_path: Path) -> None:
+    """With lin@1 rebuilt in the cache, lin@2 decodes its deltas on those files: it rebuilds
+    even when lin@1's own objects are gone from the store; a damaged base file is not used."""
+    import shutil
+
+    s = tmp_path / "store"
+    shutil.copytree(lineage, s)
+    c = tmp_path / "cache"
+    v1 = cache.materialise(s, "lin@1", c, max_bytes=10**9)
+    needed = {t["object"] for t in store.load(s, "lin@2").tensors().values()}
+    for t in store.load(s, "lin@1").tensors().values():
+        if t["object"] not in needed:
+            (s / "objects" / t["object"][:2] / t["object"]).unlink()
+    with pytest.raises(VersionError, match="missing"):
+        store.export(s, "lin@2", tmp_path / "alone")
+    v2 = cache.materialise(s, "lin@2", c, max_bytes=10**9)
+    fresh = descendant(BASE, tmp_path / "v2", seed=2)
+    assert _files(v2) == _files(fresh)  # bit-identical
+
+    # A base file damaged since: its tensors are decoded from the store instead (here they
+    # cannot be, so the export names what is missing rather than using bad bytes).
+    from tpm_faas.runtime.model_store import read_header
+
+    weights = v1 / "model.safetensors"
+    moved = read_header(weights)["lm_head.weight"]  # a tensor lin@2 stores as a delta on it
+    data = bytearray(weights.read_bytes())
+    data[moved.begin + 7] ^= 0x40
+    weights.write_bytes(bytes(data))
+    with pytest.raises(VersionError, match="missing"):
+        store.export(s, "lin@2", tmp_path / "again", known={"lin@1": v1})

@@ -126,7 +126,10 @@ def materialise(
         _evict(cache, need, max_bytes, {model, *protect})
         tmp = cache / f".tmp-{uuid.uuid4().hex[:12]}"
         try:
-            vstore.export(store, model, tmp)
+            # Versions already in the cache are bases a delta can start from (the daily
+            # update: yesterday's version is there, so only today's deltas are decoded).
+            known = {c.ref: c.path for c in entries(cache) if c.ref != model}
+            vstore.export(store, model, tmp, known=known)
             marker = {
                 "ref": model,
                 "manifest_sha256": man.manifest_sha256,

@@ -37,6 +37,7 @@ trash directory, both removed by the next gc, and never a manifest naming a miss
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -316,11 +317,67 @@ class _Decoder:
     """Reconstructs tensors, following delta bases through older manifests (memoised; the
     tensors themselves are not, so memory holds only those in flight). Thread-safe."""
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, known: Mapping[str, Path] | None = None) -> None:
         self.store = store
         self._lock = threading.Lock()
         self._manifests: dict[str, Manifest] = {}
         self._tensors: dict[str, dict[str, dict[str, Any]]] = {}
+        #: Plain directories of versions already rebuilt (a delta on one of them reads its
+        #: base there instead of decoding the base's chain), and their tensors' places.
+        self._known = dict(known or {})
+        self._places: dict[str, dict[str, tuple[Path, int, int]]] = {}
+
+    def _delta(self, enc: codec.Encoded, entry: dict[str, Any], name: str) -> codec.Words:
+        """A delta-encoded tensor decoded on its base: the base's bytes in a version already
+        rebuilt if there are any (unchecked here: decode checks the parent's sha256, and a
+        file changed since is passed over), else the base reconstructed from the store."""
+        base = entry.get("base")
+        if base is None:
+            raise VersionError(f"tensor {name!r}: a delta without a base version")
+        pentry = self.tensors(str(base)).get(name)
+        if pentry is None:
+            raise VersionError(f"tensor {name!r}: its base {base} has no such tensor")
+        pword = codec.DTYPES[enc.dtype].word
+        rebuilt = self._rebuilt(str(base), name, None)
+        if rebuilt is not None and len(rebuilt) == int(pentry.get("size", -1)):
+            with contextlib.suppress(VersionError):
+                return codec.decode(enc, np.frombuffer(rebuilt, dtype=pword).reshape(enc.shape))
+        parent = np.frombuffer(self.view(pentry), dtype=pword).reshape(enc.shape)
+        return codec.decode(enc, parent)
+
+    def _rebuilt(self, ref: str, name: str, sha: str | None) -> memoryview | None:
+        """Tensor ``name`` of version ``ref`` read from its rebuilt directory, if the bytes
+        there still hash to ``sha`` (``None``: not checked here); else ``None``."""
+        d = self._known.get(ref)
+        if d is None:
+            return None
+        with self._lock:
+            places = self._places.get(ref)
+        if places is None:
+            places = {}
+            try:
+                for f in sorted(d.glob("*.safetensors")):
+                    for k, e in read_header(f).items():
+                        places[k] = (f, e.begin, e.end)
+            except (OSError, ConfigError):
+                places = {}
+            with self._lock:
+                places = self._places.setdefault(ref, places)
+        where = places.get(name)
+        if where is None:
+            return None
+        path, begin, end = where
+        try:
+            with path.open("rb") as fh:
+                fh.seek(begin)
+                data = fh.read(end - begin)
+        except OSError:
+            return None
+        if len(data) != end - begin or (
+            sha is not None and hashlib.sha256(data).hexdigest() != sha
+        ):
+            return None
+        return memoryview(data)
 
     def manifest(self, ref: str) -> Manifest:
         with self._lock:
@@ -345,6 +402,16 @@ class _Decoder:
         """The exact bytes of the tensor ``entry`` describes, checked against its sha256."""
         sha = str(entry["sha256"])
         name = str(entry["name"])
+        for ref in list(self._known):  # the same tensor in a version already rebuilt
+            try:
+                have = self.tensors(ref).get(name)
+            except VersionError:  # not a version of this store: not a base
+                self._known.pop(ref, None)
+                continue
+            if have is not None and have["sha256"] == sha:
+                rebuilt = self._rebuilt(ref, name, sha)
+                if rebuilt is not None:
+                    return rebuilt
         payload = _get(self.store, str(entry["object"]), f"tensor {name!r}")
         record = entry.get("encoding")
         if record is None:
@@ -352,17 +419,11 @@ class _Decoder:
             checked = False
         else:
             enc = codec.Encoded.from_json(record, payload)
-            parent = None
-            if enc.encoding in codec.DELTA_ENCODINGS:
-                base = entry.get("base")
-                if base is None:
-                    raise VersionError(f"tensor {name!r}: a delta without a base version")
-                pentry = self.tensors(str(base)).get(name)
-                if pentry is None:
-                    raise VersionError(f"tensor {name!r}: its base {base} has no such tensor")
-                pword = codec.DTYPES[enc.dtype].word
-                parent = np.frombuffer(self.view(pentry), dtype=pword).reshape(enc.shape)
-            words = codec.decode(enc, parent)
+            words = (
+                self._delta(enc, entry, name)
+                if enc.encoding in codec.DELTA_ENCODINGS
+                else codec.decode(enc, None)
+            )
             data = np.ascontiguousarray(words).reshape(-1).view(np.uint8).data
             checked = enc.sha256 == sha  # decode checked the words against this very hash
         if not checked and hashlib.sha256(data).hexdigest() != sha:
@@ -557,19 +618,23 @@ def export(
     dest_dir: str | os.PathLike[str],
     *,
     workers: int | None = None,
+    known: Mapping[str, Path] | None = None,
 ) -> Manifest:
     """Rebuild ``ref`` as a plain Hugging Face directory ``dest_dir`` (new or empty), every
     file checked against the sha256 recorded at commit.
 
     :param workers: threads that decode tensors (default ``min(8, os.cpu_count())``); the
         bytes written are the same for any number
+    :param known: directories where earlier versions were rebuilt (``NAME@VERSION`` → dir,
+        e.g. the serving cache): a tensor stored as a delta on one of them reads its base
+        there (checked against the base's sha256) instead of decoding the base's whole chain
     :raises VersionError: a missing or corrupted object, or a file that does not rebuild
         exactly (named); nothing unchecked is left in ``dest_dir``
     """
     n = _workers(workers)
     root = Path(store)
     with _locked(root):
-        decoder = _Decoder(root)
+        decoder = _Decoder(root, known)
         man = decoder.manifest(ref)
         _check_parent(decoder, man)
         dest = Path(dest_dir)
