@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from click.testing import CliRunner, Result
 
 pytest.importorskip("zstandard")
 
-from test_version_gc import _checkpoint, _perturb, _tensors
+from _versions import file_hashes, tiny_checkpoint, tiny_perturb, tiny_tensors
 
 from tpm_faas.cli import main
 from tpm_faas.config import POLICIES
@@ -23,14 +22,6 @@ def _run(*args: str, code: int = 0) -> Result:
     r = CliRunner().invoke(main, ["models", *args])
     assert r.exit_code == code, r.output
     return r
-
-
-def _hashes(d: Path) -> dict[str, str]:
-    return {
-        p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(d.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture
@@ -48,9 +39,9 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_commit_log_diff_verify_export(site: Path, tmp_path: Path) -> None:
-    t1 = _tensors()
-    a = _checkpoint(tmp_path / "a", t1)
-    b = _checkpoint(tmp_path / "b", _perturb(t1, 1))
+    t1 = tiny_tensors()
+    a = tiny_checkpoint(tmp_path / "a", t1)
+    b = tiny_checkpoint(tmp_path / "b", tiny_perturb(t1, 1))
     out = _run("commit", str(a), "m@1").output
     assert "committed m@1" in out and "keyframe" in out and "manifest    sha256" in out
     doc = json.loads(_run("commit", str(b), "m@2", "--parent", "m@1", "--json").output)
@@ -76,11 +67,11 @@ def test_commit_log_diff_verify_export(site: Path, tmp_path: Path) -> None:
     assert _run("verify", "m@2").output.startswith("ok m@2")
     assert json.loads(_run("verify", "m@2", "--json").output)["ok"] is True
     _run("export", "m@2", str(tmp_path / "out"), "--workers", "2")
-    assert _hashes(tmp_path / "out") == _hashes(b)
+    assert file_hashes(tmp_path / "out") == file_hashes(b)
 
 
 def test_a_flipped_byte_is_named_and_refused(site: Path, tmp_path: Path) -> None:
-    a = _checkpoint(tmp_path / "a", _tensors())
+    a = tiny_checkpoint(tmp_path / "a", tiny_tensors())
     _run("commit", str(a), "m@1")
     obj = json.loads((site / "m" / "1" / "manifest.json").read_text())["files"]["config.json"]
     sha = obj["object"]
@@ -98,14 +89,14 @@ def test_a_flipped_byte_is_named_and_refused(site: Path, tmp_path: Path) -> None
 
 
 def test_gc_keeps_charged_pinned_newest_and_bases(site: Path, tmp_path: Path) -> None:
-    t = _tensors()
+    t = tiny_tensors()
     for i in range(1, 6):  # keyframes m@1, m@3, m@5; m@2 and m@4 deltas on the one before
-        src = _checkpoint(tmp_path / f"m{i}", t)
+        src = tiny_checkpoint(tmp_path / f"m{i}", t)
         parent = ["--parent", f"m@{i - 1}"] if i > 1 else []
         _run("commit", str(src), f"m@{i}", *parent, "--keyframe-every", "2")
-        t = _perturb(t, i)
+        t = tiny_perturb(t, i)
     for i in (1, 2):
-        _run("commit", str(_checkpoint(tmp_path / f"o{i}", _tensors(10 + i))), f"o@{i}")
+        _run("commit", str(tiny_checkpoint(tmp_path / f"o{i}", tiny_tensors(10 + i))), f"o@{i}")
     ledger = Ledger(f"sqlite:///{tmp_path / 'home' / 'ledger.sqlite'}")
     ledger.credit("p", 10_000)
     ledger.hold("r1", "p", 100, ttl_s=60, model="m@2")
@@ -135,7 +126,7 @@ def test_gc_keeps_charged_pinned_newest_and_bases(site: Path, tmp_path: Path) ->
 def test_gc_refuses_without_a_ledger_unless_told(
     site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _run("commit", str(_checkpoint(tmp_path / "a", _tensors())), "m@1")
+    _run("commit", str(tiny_checkpoint(tmp_path / "a", tiny_tensors())), "m@1")
     monkeypatch.setenv("TPM_FAAS_LEDGER", f"sqlite:///{tmp_path / 'no' / 'such' / 'l.sqlite'}")
     r = _run("gc", code=5)
     assert "--no-ledger" in r.output and "cannot read" in r.output
@@ -148,7 +139,7 @@ def test_store_comes_from_the_option_or_the_environment(
     monkeypatch.delenv("TPM_FAAS_VERSION_STORE")
     r = _run("log", "m", code=7)
     assert "--store" in r.output and "TPM_FAAS_VERSION_STORE" in r.output
-    a = _checkpoint(tmp_path / "a", _tensors())
+    a = tiny_checkpoint(tmp_path / "a", tiny_tensors())
     _run("commit", str(a), "m@1", "--store", str(tmp_path / "other"))
     assert json.loads(_run("log", "m", "--store", str(tmp_path / "other"), "--json").output)
     _run("verify", "m@9", "--store", str(tmp_path / "other"), code=7)

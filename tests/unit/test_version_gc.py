@@ -14,74 +14,18 @@ import pytest
 
 pytest.importorskip("zstandard")
 
+from _versions import (
+    file_hashes,
+    store_objects,
+    tiny_checkpoint,
+    tiny_perturb,
+    tiny_tensors,
+)
+
 from tpm_faas.errors import VersionError
 from tpm_faas.versions import store
 
 CHANGED = ("layers.0.q.weight", "norm.weight")
-
-
-def _bf16(x: np.ndarray) -> np.ndarray:
-    """float32 values as bfloat16 words (truncated)."""
-    return (np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
-
-
-def _tensors(seed: int = 0) -> dict[str, tuple[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return {
-        "embed.weight": ("BF16", _bf16(rng.normal(0, 0.02, (64, 32)))),
-        "layers.0.q.weight": ("BF16", _bf16(rng.normal(0, 0.02, (32, 32)))),
-        "layers.0.up.weight": ("F16", rng.normal(0, 0.02, (16, 32)).astype("<f2")),
-        "norm.weight": ("F32", rng.normal(1, 0.1, 32).astype("<f4")),
-        "scales.fp8": ("F8_E4M3", rng.integers(0, 0x7E, (8, 8), dtype=np.uint8)),
-        "position_ids": ("I64", np.arange(16, dtype="<i8")),
-    }
-
-
-def _perturb(t: dict[str, tuple[str, np.ndarray]], seed: int) -> dict[str, tuple[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    out = dict(t)
-    dt, w = t["layers.0.q.weight"]
-    f = (w.astype(np.uint32) << 16).view(np.float32)
-    out["layers.0.q.weight"] = (dt, _bf16(f + rng.normal(0, 2e-4, f.shape).astype(np.float32)))
-    dt, n = t["norm.weight"]
-    out["norm.weight"] = (dt, (n + np.float32(1e-3)).astype("<f4"))
-    return out
-
-
-def write_safetensors(path: Path, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    blobs, offset = [], 0
-    for name, (dtype, a) in tensors.items():
-        data = np.ascontiguousarray(a).tobytes()
-        header[name] = {
-            "dtype": dtype,
-            "shape": list(a.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        blobs.append(data)
-        offset += len(data)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
-
-
-def _checkpoint(d: Path, tensors: dict[str, tuple[str, np.ndarray]]) -> Path:
-    d.mkdir(parents=True)
-    write_safetensors(d / "model.safetensors", tensors)
-    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
-    return d
-
-
-def _hashes(d: Path) -> dict[str, str]:
-    return {
-        p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(d.rglob("*"))
-        if p.is_file()
-    }
-
-
-def _objects(root: Path) -> set[str]:
-    return {p.name for p in (root / "objects").rglob("*") if p.is_file()}
 
 
 def _referenced(root: Path) -> set[str]:
@@ -98,21 +42,21 @@ def _referenced(root: Path) -> set[str]:
 
 def _lineage(tmp_path: Path, n: int, keyframe_every: int = 2) -> tuple[Path, list[Path]]:
     """m@1..m@n, each changing the same tensors, keyframes every ``keyframe_every``."""
-    root, srcs, t = tmp_path / "store", [], _tensors()
+    root, srcs, t = tmp_path / "store", [], tiny_tensors()
     for i in range(1, n + 1):
-        srcs.append(_checkpoint(tmp_path / f"src{i}", t))
+        srcs.append(tiny_checkpoint(tmp_path / f"src{i}", t))
         parent = f"m@{i - 1}" if i > 1 else None
         store.commit(srcs[-1], root, f"m@{i}", parent=parent, keyframe_every=keyframe_every)
-        t = _perturb(t, i)
+        t = tiny_perturb(t, i)
     return root, srcs
 
 
 def test_gc_keeps_asked_newest_and_bases_and_sweeps_the_rest(tmp_path: Path) -> None:
     root, srcs = _lineage(tmp_path, 5)  # chains: 1 <- 2, 3 <- 4, 5 (keyframes 1, 3, 5)
     assert [e.chain for e in store.log(root, "m")] == [0, 1, 0, 1, 0]
-    before = _objects(root)
+    before = store_objects(root)
     dry = store.gc(root, keep={"m@2": "charged in the ledger"}, dry_run=True)
-    assert _objects(root) == before and len(store.log(root, "m")) == 5
+    assert store_objects(root) == before and len(store.log(root, "m")) == 5
     report = store.gc(root, keep={"m@2": "charged in the ledger", "x@9": "not here"})
     assert report.removed == dry.removed == ("m@3", "m@4")
     assert report.kept == {
@@ -122,19 +66,19 @@ def test_gc_keeps_asked_newest_and_bases_and_sweeps_the_rest(tmp_path: Path) -> 
     }
     assert (report.objects_freed, report.bytes_freed) == (dry.objects_freed, dry.bytes_freed)
     assert report.objects_freed > 0 and report.bytes_freed > 0
-    assert _objects(root) == _referenced(root)  # nothing live lost, nothing dead left
-    assert len(before - _objects(root)) == report.objects_freed
+    assert store_objects(root) == _referenced(root)  # nothing live lost, nothing dead left
+    assert len(before - store_objects(root)) == report.objects_freed
     for i in (1, 2, 5):  # m@5's parent m@4 is gone: it is a keyframe and still exports
         out = tmp_path / f"out{i}"
         store.export(root, f"m@{i}", out)
-        assert _hashes(out) == _hashes(srcs[i - 1])
+        assert file_hashes(out) == file_hashes(srcs[i - 1])
         assert store.verify(root, f"m@{i}") == []
     assert store.gc(root, keep={"m@2": "charged"}).removed == ()
 
 
 def test_gc_keep_last_and_lineages(tmp_path: Path) -> None:
     root, _ = _lineage(tmp_path, 4, keyframe_every=8)  # one chain: every version a base
-    other = _checkpoint(tmp_path / "o", _tensors(7))
+    other = tiny_checkpoint(tmp_path / "o", tiny_tensors(7))
     store.commit(other, root, "o@1")
     report = store.gc(root, keep_last=0, dry_run=True)
     assert set(report.removed) == {"m@1", "m@2", "m@3", "m@4", "o@1"} and not report.kept
@@ -157,7 +101,7 @@ def test_gc_cleans_what_a_crash_left(tmp_path: Path) -> None:
     report = store.gc(root, keep_last=1)
     assert not trash.exists() and not stale.exists()
     assert report.removed == () and report.objects_freed >= 1
-    assert _objects(root) == _referenced(root)
+    assert store_objects(root) == _referenced(root)
     # m@2 was a delta on m@1, whose manifest is gone: the missing base is named.
     assert any("m@1" in p for p in store.verify(root, "m@2"))
 
@@ -165,10 +109,10 @@ def test_gc_cleans_what_a_crash_left(tmp_path: Path) -> None:
 def test_gc_refuses_an_unreadable_manifest(tmp_path: Path) -> None:
     root, _ = _lineage(tmp_path, 2)
     (root / "m" / "1" / "manifest.json").write_text("{not json")
-    before = _objects(root)
+    before = store_objects(root)
     with pytest.raises(VersionError, match="gc stops"):
         store.gc(root, keep_last=0)
-    assert _objects(root) == before
+    assert store_objects(root) == before
 
 
 def test_gc_waits_for_a_commit_in_progress(tmp_path: Path) -> None:
@@ -193,7 +137,7 @@ def test_parallel_decode_is_bit_identical(tmp_path: Path) -> None:
     for workers in (1, 3, None):
         out = tmp_path / f"out-{workers}"
         store.export(root, "m@3", out, workers=workers)
-        assert _hashes(out) == _hashes(srcs[2])
+        assert file_hashes(out) == file_hashes(srcs[2])
         assert store.verify(root, "m@3", workers=workers) == []
     with pytest.raises(VersionError, match="workers"):
         store.verify(root, "m@3", workers=0)
@@ -223,8 +167,8 @@ def test_parallel_export_of_a_corrupted_tensor_names_it_and_leaves_nothing(
 
 def test_diff_counts_words_and_decodes_values(tmp_path: Path) -> None:
     root = tmp_path / "store"
-    t1 = _tensors()
-    t2 = _perturb(t1, 1)
+    t1 = tiny_tensors()
+    t2 = tiny_perturb(t1, 1)
     del t2["position_ids"]
     t2["extra.bias"] = ("F32", np.zeros(4, dtype="<f4"))
     fp8 = t1["scales.fp8"][1].copy()
@@ -235,8 +179,8 @@ def test_diff_counts_words_and_decodes_values(tmp_path: Path) -> None:
     fp8b[0, 0] = 0x40  # 2.0
     fp8b[0, 1] = 0xFE  # -448
     t2["scales.fp8"] = ("F8_E4M3", fp8b)
-    a = _checkpoint(tmp_path / "a", t1)
-    b = _checkpoint(tmp_path / "b", t2)
+    a = tiny_checkpoint(tmp_path / "a", t1)
+    b = tiny_checkpoint(tmp_path / "b", t2)
     (b / "config.json").write_text("{}")
     (b / "generation_config.json").write_text("{}")
     store.commit(a, root, "m@1")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 st = pytest.importorskip("safetensors.torch")
 pytest.importorskip("zstandard")
+
+from _versions import file_hashes, store_objects  # noqa: E402
 
 from tpm_faas.errors import VersionError  # noqa: E402
 from tpm_faas.versions import store  # noqa: E402
@@ -54,18 +55,6 @@ def _perturb(tensors: dict[str, object], seed: int) -> dict[str, object]:
     return out
 
 
-def _hashes(d: Path) -> dict[str, str]:
-    return {
-        p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(d.rglob("*"))
-        if p.is_file()
-    }
-
-
-def _objects(root: Path) -> set[str]:
-    return {p.name for p in (root / "objects").rglob("*") if p.is_file()}
-
-
 @pytest.fixture
 def lineage(tmp_path: Path) -> tuple[Path, Path, Path, store.Manifest, store.Manifest]:
     t1 = _tensors()
@@ -84,7 +73,7 @@ def test_export_is_bit_identical_and_unchanged_tensors_cost_nothing(
     for ref, src in (("llama@1", v1), ("llama@2", v2)):
         out = tmp_path / f"out-{ref}"
         store.export(root, ref, out)
-        assert _hashes(out) == _hashes(src)
+        assert file_hashes(out) == file_hashes(src)
         assert store.verify(root, ref) == []
     t1, t2 = m1.tensors(), m2.tensors()
     for name, entry in t2.items():
@@ -110,9 +99,9 @@ def test_unchanged_tensors_add_only_changed_objects(tmp_path: Path) -> None:
     t1 = _tensors()
     root = tmp_path / "store"
     store.commit(_write(tmp_path / "a", t1), root, "m@1")
-    before = _objects(root)
+    before = store_objects(root)
     store.commit(_write(tmp_path / "b", _perturb(t1, 2)), root, "m@2", parent="m@1")
-    assert len(_objects(root) - before) == len(CHANGED)
+    assert len(store_objects(root) - before) == len(CHANGED)
 
 
 def test_keyframe_forced_after_k(tmp_path: Path) -> None:
@@ -130,7 +119,7 @@ def test_keyframe_forced_after_k(tmp_path: Path) -> None:
     for i, src in enumerate(srcs):
         out = tmp_path / f"o{i}"
         store.export(root, f"m@{i}", out)
-        assert _hashes(out) == _hashes(src)
+        assert file_hashes(out) == file_hashes(src)
 
 
 def test_corruption_detected_and_refused_by_name(
