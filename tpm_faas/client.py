@@ -336,7 +336,7 @@ class TPMClient:
         sent = request if request is not None else result.request
         if sent is None:
             raise ValueError("this result carries no request; pass the request it was made from")
-        again = self._send(result.mode, replay_request(dict(sent), result.receipt))
+        again = self._send(result.mode, replay_request(result.mode, dict(sent), result.receipt))
         return compare(result, again)
 
     def _send(self, mode: str, request: dict[str, Any]) -> Result:

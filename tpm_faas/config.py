@@ -68,10 +68,10 @@ def _gigabytes(value: str | None, default: int) -> int:
         gb = float(value)
     except ValueError:
         gb = -1.0
-    if not gb > 0:
+    if not 0 < gb < float("inf"):
         from tpm_faas.errors import ConfigError
 
-        raise ConfigError(f"TPM_FAAS_VERSION_CACHE_GB={value!r} is not a positive number")
+        raise ConfigError(f"TPM_FAAS_VERSION_CACHE_GB={value!r} is not a positive, finite number")
     return int(gb * 10**9)
 
 

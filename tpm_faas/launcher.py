@@ -214,6 +214,8 @@ class ShardGroup:
     ranks: list[dict[str, Any]] = field(default_factory=list, init=False)
     _futures: list[Future[Any]] = field(default_factory=list, init=False, repr=False)
     entry: GroupEntry | None = field(default=None, init=False)
+    #: The version's directory in the store's cache, leased while the group starts and serves.
+    _cached: Path | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # NAME@latest is the store's newest version now; the group (and its restarts) keep it.
@@ -342,6 +344,8 @@ class ShardGroup:
         # groups serve are never evicted to make room.
         serving = Registry(self.settings.registry_dir).models()
         model_dir = locate(self.model, self.settings, protect=serving)
+        if model_dir.is_relative_to(self.settings.version_cache_dir):
+            self._cached = model_dir  # leased by locate until the group stops
         check_servable(model_dir)
         size = check_parallel(self.model, model_dir, self.tp_size, self.ep_size)
         nodes = self.allocation.nodes
@@ -445,6 +449,11 @@ class ShardGroup:
             self._dfk = None
         self._executor = None
         self.entry = None
+        if self._cached is not None:
+            from tpm_faas.versions.cache import release
+
+            release(self._cached)
+            self._cached = None
 
     def __enter__(self) -> ShardGroup:
         self.start()

@@ -340,9 +340,14 @@ class Policy:
     def allowed_versions(
         self, caller: Caller, mode: str, candidates: typing.Iterable[str]
     ) -> list[str]:
-        """Those of ``candidates`` (model versions) that ``caller`` may use in ``mode``."""
+        """Those of ``candidates`` (model versions) that ``caller`` may use in ``mode`` and
+        that have SU rates (without, a request on them is refused)."""
         groups = [g for g in self.matching(caller) if mode in g.modes]
-        return [m for m in candidates if any(allows_model(g.models, m) for g in groups)]
+        return [
+            m
+            for m in candidates
+            if any(allows_model(g.models, m) for g in groups) and self.rates_for(m) is not None
+        ]
 
     def matching(self, caller: Caller) -> list[Group]:
         """The groups that match ``caller``, in file order."""

@@ -101,18 +101,27 @@ RECEIPT_FIELDS = (
 )
 
 
-def replay_request(request: dict[str, Any], receipt: Any) -> dict[str, Any]:
-    """The request to send again: ``request`` on the receipt's concrete version with a fresh
-    request id, checked to be the request the receipt hashes.
+def replay_request(mode: str, request: dict[str, Any], receipt: Any) -> dict[str, Any]:
+    """The ``mode`` request to send again: ``request`` on the receipt's concrete version with
+    a fresh request id, checked to be the request the receipt hashes.
 
-    :raises RequestError: ``request`` is not the one the receipt was issued for
+    :raises RequestError: ``request`` is not a valid ``mode`` request, or not the one the
+        receipt was issued for
     """
+    from pydantic import ValidationError
+
     from tpm_faas.modes import get_mode
     from tpm_faas.modes.base import sha256_json
 
     again = {**request, "model": receipt.model, "request_id": f"replay-{uuid.uuid4()}"}
-    mode = _mode_of(receipt, again)
-    parsed = get_mode(mode).request_model.model_validate(again)
+    try:
+        parsed = get_mode(mode).request_model.model_validate(again)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "request"
+        raise RequestError(
+            f"the request is not a valid {mode} request: {where}: {err['msg']}"
+        ) from None
     got = sha256_json(parsed.model_dump(exclude={"request_id"}))
     if got != receipt.request_sha256:
         raise RequestError(
@@ -120,14 +129,6 @@ def replay_request(request: dict[str, Any], receipt: Any) -> dict[str, Any]:
             f"(request sha256 {got[:12]}…, the receipt's {receipt.request_sha256[:12]}…)"
         )
     return again
-
-
-def _mode_of(receipt: Any, request: dict[str, Any]) -> str:
-    if receipt.intervention_sha256 is not None or "ops" in request:
-        return "intervene"
-    if any(k in request for k in ("inputs_embeds", "adapter_input", "pooling", "head")):
-        return "embed"
-    return "query"
 
 
 def compare(original: Result, again: Result) -> ReplayReport:

@@ -173,7 +173,7 @@ def test_results_replay_bit_identically_after_new_versions_and_a_restart(tmp_pat
         assert "charged in the ledger" in kept["lin@2"]
         assert kept == {
             "lin@1": "base of lin@2",
-            "lin@2": "charged in the ledger",
+            "lin@2": "charged in the ledger; served by a shard group",
             "lin@3": "newest of lin",
         }
     finally:

@@ -124,7 +124,9 @@ def test_expiry_never_voids_a_newer_attempt(ledger: Ledger) -> None:
     assert ledger.post("r1", 50) == 50
 
 
-def test_holds_record_their_model_and_charged_models_are_the_posted_ones(ledger: Ledger) -> None:
+def test_holds_record_their_model_and_charged_models_are_posted_or_in_flight(
+    ledger: Ledger,
+) -> None:
     ledger.hold("r1", "p", 100, ttl_s=60, model="m@1")
     ledger.post("r1", 10)
     ledger.hold("r2", "p", 100, ttl_s=60, model="m@2")  # held, never posted
@@ -132,6 +134,8 @@ def test_holds_record_their_model_and_charged_models_are_the_posted_ones(ledger:
     ledger.void("r3")
     ledger.hold("r4", "p", 100, ttl_s=60)  # no model recorded
     ledger.post("r4", 10)
+    assert ledger.charged_models() == {"m@1", "m@2"}  # r2 is in flight: charged when done
+    ledger.void("r2")
     assert ledger.charged_models() == {"m@1"}
     ledger.hold("r3", "p", 100, ttl_s=60, model="m@4")  # a failover attempt on another version
     ledger.post("r3", 10)

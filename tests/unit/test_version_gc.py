@@ -215,3 +215,14 @@ def test_e4m3fn_values() -> None:
     assert v[0x38] == 1.0 and v[0x7E] == 448.0 and v[0x01] == 2.0**-9 and v[0x08] == 2.0**-6
     assert v[0xB8] == -1.0 and v[0x80] == 0.0
     assert np.isnan(v[0x7F]) and np.isnan(v[0xFF]) and np.isfinite(v[:0x7F]).all()
+
+
+def test_a_version_name_gc_removed_is_never_reused(tmp_path: Path) -> None:
+    root, srcs = _lineage(tmp_path, 3, keyframe_every=1)  # three keyframes
+    report = store.gc(root, keep_last=1)
+    assert report.removed == ("m@1", "m@2")
+    assert [e.version for e in store.log(root, "m")] == ["3"]
+    with pytest.raises(VersionError, match="never reused"):
+        store.commit(srcs[0], root, "m@1")
+    store.commit(srcs[0], root, "m@4")  # a new name for the same weights is fine
+    assert store.gc(root, keep_last=2).removed == ()

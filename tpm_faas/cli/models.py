@@ -358,9 +358,10 @@ def models_gc(
 ) -> None:
     """Remove the versions no one needs, and the objects only they used.
 
-    Kept: versions a posted charge in the ledger names, versions the site policy names
-    (a group's models, the SU rates table), the newest --keep-last of every name, and the
-    delta bases of every kept version.
+    Kept: versions a charge in the ledger names (posted, or held by a request in flight),
+    versions the site policy names (a group's models, the SU rates table), versions shard
+    groups serve, the newest --keep-last of every name, and the delta bases of every kept
+    version.
     """
     from tpm_faas.config import Settings
     from tpm_faas.versions import store
@@ -373,6 +374,8 @@ def models_gc(
             keep.setdefault(ref, []).append("charged in the ledger")
     for ref in _pinned(settings):
         keep.setdefault(ref, []).append("pinned by the site policy")
+    for ref in _served(settings):
+        keep.setdefault(ref, []).append("served by a shard group")
     report = store.gc(
         root,
         keep={ref: "; ".join(why) for ref, why in keep.items()},
@@ -409,6 +412,13 @@ def _charged(settings: Settings) -> set[str]:
             f"gc keeps the versions the ledger charged for, and cannot read them: {why}; "
             "pass --no-ledger to go on without them"
         ) from e
+
+
+def _served(settings: Settings) -> set[str]:
+    """The versions registered shard groups serve (a restart must find them again)."""
+    from tpm_faas.registry import Registry
+
+    return set(Registry(settings.registry_dir).models())
 
 
 def _pinned(settings: Settings) -> set[str]:

@@ -33,6 +33,11 @@ from tpm_faas.cli._app import echo_json, read_json
     "gateway, in this process, with its settings).",
 )
 @click.option("--endpoint", help="The manifest's endpoint to run on (default: its first).")
+@click.option(
+    "--results-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the results' tensor files are when their URI is not readable here.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def replay(
     result_file: Path,
@@ -40,6 +45,7 @@ def replay(
     token: str | None,
     manifest: Path | None,
     endpoint: str | None,
+    results_dir: Path | None,
     as_json: bool,
 ) -> None:
     """Run the request of RESULT.json (a mode's reply, as saved) again on the model version its
@@ -49,14 +55,33 @@ def replay(
     site, largest difference) otherwise. The request must be the one the receipt hashes."""
     import json
 
-    from tpm_faas.client import TPMClient, parse_reply
+    from pydantic import ValidationError
 
-    original = parse_reply(json.dumps(read_json(result_file, "result")))
+    from tpm_faas.client import TPMClient, parse_reply
+    from tpm_faas.errors import ConfigError, TPMError
+
+    try:
+        original = parse_reply(json.dumps(read_json(result_file, "result")), results_dir)
+    except ValidationError as e:
+        where = ".".join(str(p) for p in e.errors()[0]["loc"]) or "reply"
+        raise ConfigError(
+            f"{result_file} is not a saved mode reply: {where}: {e.errors()[0]['msg']}"
+        ) from None
     request = read_json(request_file, "request")
     if not isinstance(request, dict):
         raise click.BadParameter("the request must be a JSON object", param_hint="--request")
-    client = TPMClient(_transport(manifest, endpoint), token=token, model=original.receipt.model)
-    report = client.replay(original, request)
+    client = TPMClient(
+        _transport(manifest, endpoint),
+        token=token,
+        model=original.receipt.model,
+        results_dir=results_dir,
+    )
+    try:
+        report = client.replay(original, request)
+    except TPMError:
+        raise
+    except (OSError, ValueError) as e:  # a results file that is gone or does not hash
+        raise ConfigError(f"cannot read a result's tensors: {e}") from None
     if as_json:
         echo_json(report.to_json())
     else:

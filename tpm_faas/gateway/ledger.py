@@ -806,10 +806,11 @@ class Ledger:
 
     @_available
     def charged_models(self) -> set[str]:
-        """Every model version (``NAME@VERSION``) a posted charge names."""
+        """Every model version (``NAME@VERSION``) a posted charge names, or a hold still open
+        (a request in flight, charged when it finishes)."""
         q = (
             sa.select(holds.c.model)
-            .where(holds.c.state == "posted", holds.c.model != "")
+            .where(holds.c.state.in_(("posted", "held")), holds.c.model != "")
             .distinct()
         )
         with self._read() as c:

@@ -68,8 +68,8 @@ class _ModeRequest(Strict):
     #: use, resolved at admission (the reply and receipt name the concrete one).
     model: ModelRef
     request_id: RequestId | None = None
-    #: Run batch-invariantly (decoded in a batch of this request's own prompts only), so a
-    #: replay on the same version gives the same bits; the site may price it higher.
+    #: Run batch-invariantly (each prompt decoded alone, never batched with other work), so
+    #: a replay on the same version gives the same bits; the site may price it higher.
     reproducible: bool = False
 
 

@@ -39,7 +39,7 @@ class _Sampling(_Body):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, lt=2**63)
     stop_at_eos: bool = True
-    #: Decode in a batch of this request's own sequences only (batch-invariant, replayable).
+    #: Decode each prompt alone (a batch of one: batch-invariant, replayable).
     reproducible: bool = False
 
 

@@ -355,17 +355,12 @@ class Scheduler:
 
 
 def _decode_batches(active: list[_Sequence]) -> list[list[_Sequence]]:
-    """The decode batches of one step: every sequence of a ``reproducible`` request decodes
-    in a batch of its own request's sequences only (the same batch whatever else the group
-    serves, so its logits are the same bits on replay); the rest decode together."""
-    shared: list[_Sequence] = []
-    alone: dict[int, list[_Sequence]] = {}
-    for s in active:
-        if s.request.body.get("reproducible"):
-            alone.setdefault(id(s.request), []).append(s)
-        else:
-            shared.append(s)
-    return [b for b in (shared, *alone.values()) if b]
+    """The decode batches of one step: a sequence of a ``reproducible`` request decodes alone
+    (a batch of one whatever else the group serves, and whenever its request's other prompts
+    got a slot, so its logits are the same bits on replay); the rest decode together."""
+    shared = [s for s in active if not s.request.body.get("reproducible")]
+    alone = [[s] for s in active if s.request.body.get("reproducible")]
+    return [b for b in (shared, *alone) if b]
 
 
 #: Words of the messages gloo and NCCL fail with when a peer rank is gone.

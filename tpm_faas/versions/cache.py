@@ -7,8 +7,9 @@ against the hashes recorded at commit) plus :data:`MARKER`, which names the mani
 rebuilt from. A version is rebuilt into a temporary directory and renamed into place, so a
 reader sees a whole verified version or none; concurrent launchers serialise on a lock file
 beside the cache. Least recently used versions (by the marker's modification time, touched
-on every use) are evicted to keep the cache under its bound; a version a live shard group
-serves (the ``protect`` set) is never evicted: the gateway reads its tokenizer there.
+on every use) are evicted to keep the cache under its bound; a version a shard group is
+starting on or serving is never evicted (the process that located it holds a lease until
+:func:`release`; the gateway also reads its tokenizer there).
 
 ``NAME@latest`` means the store's newest version of ``NAME`` (the shard group then serves,
 and receipts name, that concrete version).
@@ -20,12 +21,14 @@ import fcntl
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from tpm_faas.catalog import LATEST, MARKER, resolve, split_ref
 from tpm_faas.config import Settings
@@ -100,10 +103,11 @@ def materialise(
     max_bytes: int,
     protect: Collection[str] = (),
 ) -> Path:
-    """``model`` rebuilt from ``store`` into ``cache`` (once; later calls reuse it).
+    """``model`` rebuilt from ``store`` into ``cache`` (once; later calls reuse it), leased to
+    this process until :func:`release` (a leased version is never evicted).
 
     :raises ConfigError: the version alone is larger than the cache's bound, or only versions
-        in ``protect`` could be evicted to make room
+        in use could be evicted to make room
     :raises VersionError: a missing or corrupted object (named); nothing is left in the cache
     """
     from tpm_faas.versions import store as vstore
@@ -111,11 +115,19 @@ def materialise(
     name, version = split_ref(model)
     final = cache / name / version
     man = vstore.load(store, model)
+    if _matches(final, man.manifest_sha256) and _lease(final, man.manifest_sha256):
+        return final  # already there: no need to wait for another version's rebuild
     with _locked(cache):
+        _sweep(cache)
         if _matches(final, man.manifest_sha256):
-            _touch(final)
+            _lease(final, man.manifest_sha256)
             return final
-        if final.exists():  # rebuilt from another manifest (another store): rebuild
+        if final.exists():  # rebuilt from another manifest (another store)
+            if _in_use(final):
+                raise ConfigError(
+                    f"{final} holds another {model} (another manifest) and a shard group uses "
+                    "it; stop that group first"
+                )
             _remove(final)
         need = man.full_bytes
         if need > max_bytes:
@@ -142,15 +154,16 @@ def materialise(
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+        _lease(final, man.manifest_sha256)
     return final
 
 
 def entries(cache: Path) -> list[Cached]:
-    """The versions in ``cache``, least recently used first."""
+    """The versions in ``cache``, least recently used first (sizes count every file)."""
     out = []
     for marker in cache.glob(f"*/*/{MARKER}"):
         d = marker.parent
-        size = sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+        size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
         out.append(Cached(f"{d.parent.name}@{d.name}", d, size, marker.stat().st_mtime))
     return sorted(out, key=lambda c: c.used_at)
 
@@ -158,18 +171,97 @@ def entries(cache: Path) -> list[Cached]:
 def _evict(cache: Path, need: int, max_bytes: int, keep: set[str]) -> None:
     present = entries(cache)
     used = sum(c.size for c in present)
+    busy = []
     for c in present:
         if used + need <= max_bytes:
             return
-        if c.ref not in keep:
-            _remove(c.path)
-            used -= c.size
+        if c.ref in keep or not _remove_unused(c.path):
+            busy.append(c.ref)
+            continue
+        used -= c.size
     if used + need > max_bytes:
-        kept = ", ".join(sorted(c.ref for c in present if c.ref in keep)) or "none"
         raise ConfigError(
             f"the version cache cannot make room for {need / 1e9:.2f} GB under its bound of "
-            f"{max_bytes / 1e9:.2f} GB: the rest is held by versions in use ({kept})"
+            f"{max_bytes / 1e9:.2f} GB: the rest is held by versions in use "
+            f"({', '.join(sorted(busy)) or 'none'})"
         )
+
+
+# --- leases: a version a shard group is starting on or serving is never evicted -----------
+#
+# A process that located a version holds a shared flock on ``<cache>/<name>/.<version>.lease``
+# until :func:`release` (or its exit); eviction takes the exclusive lock without waiting and
+# skips the version when it cannot. flock locks of two open files conflict even within one
+# process, so a process's own leases count as in use too.
+
+_LEASES: dict[Path, IO[str]] = {}
+_LEASES_LOCK = threading.Lock()
+
+
+def _lease_path(d: Path) -> Path:
+    return d.parent / f".{d.name}.lease"
+
+
+def _lease(d: Path, manifest_sha256: str) -> bool:
+    """Lease ``d`` to this process; ``False`` if it no longer holds that manifest (evicted
+    or replaced before the lease was taken)."""
+    with _LEASES_LOCK:
+        if d in _LEASES:
+            return True
+        f = _lease_path(d).open("a")
+        fcntl.flock(f, fcntl.LOCK_SH)
+        if not _matches(d, manifest_sha256):
+            f.close()
+            return False
+        _LEASES[d] = f
+        _touch(d)
+        return True
+
+
+def release(d: Path) -> None:
+    """Give up this process's lease on a cached version (its group stopped)."""
+    with _LEASES_LOCK:
+        f = _LEASES.pop(d, None)
+    if f is not None:
+        f.close()
+
+
+def _in_use(d: Path) -> bool:
+    if d in _LEASES:
+        return True
+    lease = _lease_path(d)
+    if not lease.exists():
+        return False
+    with lease.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def _remove_unused(d: Path) -> bool:
+    """Remove ``d`` unless a lease holds it (checked and removed under its exclusive lock)."""
+    if d in _LEASES:
+        return False
+    with _lease_path(d).open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            _remove(d)
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    return True
+
+
+def _sweep(cache: Path) -> None:
+    """Remove what a rebuild or an eviction killed midway left (under the cache's lock, so
+    nothing there is in progress)."""
+    for left in [*cache.glob(".tmp-*"), *cache.glob("*/.gone-*")]:
+        shutil.rmtree(left, ignore_errors=True)
 
 
 def _matches(d: Path, manifest_sha256: str) -> bool:
@@ -203,4 +295,13 @@ def _locked(cache: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-__all__ = ["LATEST", "Cached", "concrete", "entries", "latest", "locate", "materialise"]
+__all__ = [
+    "LATEST",
+    "Cached",
+    "concrete",
+    "entries",
+    "latest",
+    "locate",
+    "materialise",
+    "release",
+]

@@ -61,7 +61,7 @@ from typing import IO, Any, Final, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from tpm_faas.catalog import LATEST
+from tpm_faas.catalog import LATEST, MARKER
 from tpm_faas.errors import ConfigError, VersionError
 from tpm_faas.runtime.model_store import _ST_DTYPES, read_header
 from tpm_faas.versions import codec
@@ -76,6 +76,7 @@ _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _OBJECTS: Final = "objects"
 _LOCK: Final = ".lock"
 _TRASH: Final = ".trash-"
+_REMOVED: Final = ".removed-"
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
@@ -300,6 +301,8 @@ def load(store: str | os.PathLike[str], ref: str) -> Manifest:
         raise VersionError(f"the manifest of {ref} is not JSON ({e})") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise VersionError(f"the manifest of {ref} is not a format-{FORMAT} manifest")
+    if (data.get("name"), data.get("version")) != parse_ref(ref):
+        raise VersionError(f"the manifest at {ref} names another version")
     return Manifest(data, hashlib.sha256(raw).hexdigest())
 
 
@@ -482,15 +485,28 @@ def commit(
         return _commit(src, root, ref, parent, keyframe_every)
 
 
+def _tombstone(root: Path, ref: str) -> Path:
+    """Where gc records that it removed ``ref`` (a version name is never used twice)."""
+    name, version = parse_ref(ref)
+    return root / name / f"{_REMOVED}{version}"
+
+
 def _commit(src: Path, root: Path, ref: str, parent: str | None, keyframe_every: int) -> Manifest:
     if _manifest_path(root, ref).exists():
         raise VersionError(f"{ref} already exists; a version is never replaced")
+    if _tombstone(root, ref).exists():
+        raise VersionError(
+            f"{ref} was committed before and removed by gc; a version name is never reused "
+            "(receipts may name it): commit under a new version"
+        )
     decoder = _Decoder(root)
     pman = decoder.manifest(parent) if parent is not None else None
     ptensors = pman.tensors() if pman is not None else {}
     stored = full = 0
     files: dict[str, dict[str, Any]] = {}
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+    # The serving cache's marker says which manifest a directory was rebuilt from: it is not
+    # part of any version (committing a rebuilt directory must not carry the old one's).
+    for path in sorted(p for p in src.rglob("*") if p.is_file() and p.name != MARKER):
         rel = path.relative_to(src).as_posix()
         raw = path.read_bytes()
         full += len(raw)
@@ -1076,6 +1092,9 @@ def _remove_version(root: Path, ref: str) -> None:
     """Remove a version's directory: renamed away first (atomic, and made durable), then
     deleted, so a crash never leaves half a manifest directory under a version's name."""
     name, version = parse_ref(ref)
+    # The name stays taken: a receipt naming it must never meet other weights under it.
+    sha = load(root, ref).manifest_sha256
+    _write(_tombstone(root, ref), f"removed by gc; its manifest was {sha}\n".encode())
     trash = root / name / f"{_TRASH}{version}-{uuid.uuid4().hex[:8]}"
     os.rename(root / name / version, trash)
     _fsync_dir(root / name)
