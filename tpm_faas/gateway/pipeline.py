@@ -260,7 +260,10 @@ class Gateway:
                     served[ref] = max((e.model.committed_at, e.started_at) for e in live)
         if not served:
             raise UnknownModel(f"no version of {name} is served here ({model} names none)")
-        newest = sorted(served, key=lambda r: (*served[r], _natural(r)), reverse=True)
+        # As the store orders a lineage: by commit time, then version; then the later start.
+        newest = sorted(
+            served, key=lambda r: (served[r][0], _natural(r), served[r][1]), reverse=True
+        )
         allowed = policy.allowed_versions(caller, mode, newest)
         if not allowed:
             policy.decide(caller, mode=mode, model=newest[0])  # raises, saying why

@@ -577,7 +577,7 @@ def _commit(src: Path, root: Path, ref: str, parent: str | None, keyframe_every:
         "version": version,
         "parent": parent,
         "parent_manifest_sha256": None if pman is None else pman.manifest_sha256,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="microseconds"),
         "keyframe_every": keyframe_every,
         "stored_bytes": stored,
         "full_bytes": full,
