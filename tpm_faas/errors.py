@@ -27,6 +27,7 @@ clients and tests match on) and, for the CLI, an ``exit_code``::
     │   ├── UnsupportedArchitecture                     unsupported_architecture
     │   └── VersionError                                version_error
     ├── RemoteError                                     (the remote code)  8
+    │   └── TaskTimeout(RemoteError, TimeoutError)      client_timeout
     └── ServiceUnreachable(TPMError, ConnectionError)   service_unreachable 9
 
 A class's exit code is its parent's unless drawn; ``tests/unit/test_errors.py`` checks this
@@ -34,6 +35,8 @@ drawing against the classes (names, parents, bases, codes, exit codes).
 
 Errors cross the Globus Compute boundary as a plain record (:meth:`TPMError.to_record`),
 never as a pickled exception, and are raised again on the client as :class:`RemoteError`.
+A refusal may carry structured fields besides its message: ``retry_after_s`` (when trying
+again can pass) and ``limit`` (the name of the limit hit), e.g. on :class:`RateLimited`.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class TPMError(Exception):
     #: Which layer refused or failed the request: request, auth, policy, rate_limit, ledger,
     #: shard, config or internal.
     layer: ClassVar[str] = "internal"
+    #: Seconds after which the same request may pass (a refusal that waiting can lift).
+    retry_after_s: float | None = None
+    #: The name of the limit that refused the request (a policy field, e.g. ``requests_per_min``).
+    limit: str | None = None
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -67,14 +74,20 @@ class TPMError(Exception):
         return self.code
 
     def to_record(self, request_id: str | None = None) -> dict[str, Any]:
-        """The plain record that crosses process and network boundaries."""
-        return {
+        """The plain record that crosses process and network boundaries (``retry_after_s``
+        and ``limit`` only when set, so other records are as they always were)."""
+        record: dict[str, Any] = {
             "type": type(self).__name__,
             "code": self.error_code,
             "layer": self.layer,
             "message": self.message,
             "request_id": request_id or self.request_id,
         }
+        if self.retry_after_s is not None:
+            record["retry_after_s"] = self.retry_after_s
+        if self.limit is not None:
+            record["limit"] = self.limit
+        return record
 
     def __str__(self) -> str:
         return f"[{self.error_code}] {self.message}"
@@ -101,8 +114,28 @@ class LimitExceeded(RequestError):
 
 
 class RateLimited(LimitExceeded):
+    """Over a rate or concurrency limit of the caller's group.
+
+    :param retry_after_s: when the request may pass if sent again (``None``: waiting cannot
+        help, e.g. one request larger than the whole limit)
+    :param limit: the policy limit hit (``requests_per_min``, ``group_requests_per_min``,
+        ``tokens_per_min``, ``group_tokens_per_min`` or ``max_concurrent``)
+    """
+
     code = "rate_limited"
     layer = "rate_limit"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+        limit: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+        self.limit = limit
 
 
 class TensorError(RequestError):
@@ -213,6 +246,9 @@ class RemoteError(TPMError):
     :param code: the remote error's code
     :param remote_type: the remote exception's class name
     :param request_id: the request it belongs to
+    :param retry_after_s: the remote refusal's ``retry_after_s``, if any
+    :param limit: the remote refusal's ``limit``, if any
+    :param task_id: the Globus Compute task, when the transport's future names one
     """
 
     exit_code = 8
@@ -225,20 +261,51 @@ class RemoteError(TPMError):
         remote_type: str = "TPMError",
         request_id: str | None = None,
         layer: str = "internal",
+        retry_after_s: float | None = None,
+        limit: str | None = None,
+        task_id: str | None = None,
     ) -> None:
         super().__init__(message, code=code)
         self.remote_type = remote_type
         self.request_id = request_id
         self.remote_layer = layer
+        self.retry_after_s = retry_after_s
+        self.limit = limit
+        self.task_id = task_id
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> RemoteError:
+        retry_after = record.get("retry_after_s")
+        limit = record.get("limit")
         return cls(
             str(record.get("message", "")),
             code=str(record.get("code", "internal")),
             remote_type=str(record.get("type", "TPMError")),
             request_id=record.get("request_id"),
             layer=str(record.get("layer", "internal")),
+            retry_after_s=float(retry_after) if retry_after is not None else None,
+            limit=str(limit) if limit is not None else None,
+        )
+
+
+class TaskTimeout(RemoteError, TimeoutError):
+    """No reply came back from the endpoint in time (the client's ``timeout_s`` or
+    ``deadline_s``). The task may still run, and be charged, on the endpoint; the message
+    names the request id (and the Globus Compute task id, when known) to look it up.
+    """
+
+    code = "client_timeout"
+
+    def __init__(
+        self, message: str, *, request_id: str | None = None, task_id: str | None = None
+    ) -> None:
+        super().__init__(
+            message,
+            code=type(self).code,
+            remote_type=type(self).__name__,
+            request_id=request_id,
+            layer="compute",
+            task_id=task_id,
         )
 
 

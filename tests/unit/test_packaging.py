@@ -32,6 +32,7 @@ CLIENT = {
     "globus-compute-sdk",
     "click",
     "pyyaml",
+    "tenacity",
 }
 
 

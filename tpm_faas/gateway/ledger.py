@@ -78,6 +78,9 @@ _NS = uuid.UUID("6f1c1f8e-3c1d-4a8e-9a51-6d2f9e0b7a10")
 #: Seconds between two looks of a ledger for orphaned holds of its host (and failed voids to
 #: retry); the first look is before its first hold.
 ORPHAN_SWEEP_S = 5.0
+#: The ``retry_after_s`` of a refusal for too many requests in flight (``max_concurrent``):
+#: when one of them ends is not known here, so this is a hint to look again, not a promise.
+CONCURRENCY_RETRY_S = 1.0
 
 #: What SQLAlchemy raises when the database does not answer (see :func:`unavailable`).
 UNAVAILABLE: tuple[type[Exception], ...] = (sa.exc.OperationalError, sa.exc.InterfaceError)
@@ -946,7 +949,9 @@ class Ledger:
         running = int(c.execute(q).scalar_one())
         if running >= max_open:
             raise RateLimited(
-                f"you have {running} requests running; your group allows {max_open} at once"
+                f"you have {running} requests running; your group allows {max_open} at once",
+                retry_after_s=CONCURRENCY_RETRY_S,
+                limit="max_concurrent",
             )
 
     def _not_held(self, c: Connection, request_id: str) -> LedgerError:

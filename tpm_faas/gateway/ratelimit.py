@@ -3,13 +3,17 @@
 A bucket of capacity ``C`` per minute refills continuously at ``C / 60`` per second. Admission
 takes one request from the caller's request buckets and reserves ``input + max_new_tokens``
 from the token buckets; when the request ends, the unused part of the reservation is given
-back. Buckets live in a table of the ledger's database and each take is one conditional
-``UPDATE`` (refill, check and debit in one statement), so every endpoint worker process sees
-the same buckets and two workers cannot both take the last token. The clock is injectable.
+back. A refusal names the limit it hit (``RateLimited.limit``: the policy field, e.g.
+``requests_per_min``) and, when waiting can lift it, how long until the bucket holds enough
+(``RateLimited.retry_after_s``). Buckets live in a table of the ledger's database and each
+take is one conditional ``UPDATE`` (refill, check and debit in one statement), so every
+endpoint worker process sees the same buckets and two workers cannot both take the last
+token. The clock is injectable.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +48,8 @@ def _refilled(capacity: float, per_s: float) -> sa.ColumnElement[float]:
 class Bucket:
     key: str
     per_min: int
+    #: The policy limit this bucket enforces (a field of :class:`~tpm_faas.policy.Limits`).
+    limit: str = ""
 
     @property
     def per_s(self) -> float:
@@ -73,16 +79,24 @@ class RateLimiter:
         req = [
             b
             for b in (
-                Bucket(f"req:id:{group}:{identity}", limits.requests_per_min or 0),
-                Bucket(f"req:group:{group}", limits.group_requests_per_min or 0),
+                Bucket(
+                    f"req:id:{group}:{identity}", limits.requests_per_min or 0, "requests_per_min"
+                ),
+                Bucket(
+                    f"req:group:{group}",
+                    limits.group_requests_per_min or 0,
+                    "group_requests_per_min",
+                ),
             )
             if b.per_min
         ]
         tok = [
             b
             for b in (
-                Bucket(f"tok:id:{group}:{identity}", limits.tokens_per_min or 0),
-                Bucket(f"tok:group:{group}", limits.group_tokens_per_min or 0),
+                Bucket(f"tok:id:{group}:{identity}", limits.tokens_per_min or 0, "tokens_per_min"),
+                Bucket(
+                    f"tok:group:{group}", limits.group_tokens_per_min or 0, "group_tokens_per_min"
+                ),
             )
             if b.per_min
         ]
@@ -94,17 +108,21 @@ class RateLimiter:
         takes.sort(key=lambda t: t[0].key)
         with self.engine.begin() as c:  # all or nothing
             for b, cost, what in takes:
-                if cost > b.per_min:
+                if cost > b.per_min:  # never passes: no retry_after_s
                     raise RateLimited(
                         f"this request needs {cost} {what}; the limit is {b.per_min} per minute "
-                        f"({'your group' if ':group:' in b.key else 'you'})"
+                        f"({'your group' if ':group:' in b.key else 'you'})",
+                        limit=b.limit,
                     )
                 if not self._take(c, b, cost, now):
                     wait = self._wait_s(c, b, cost, now)
                     raise RateLimited(
                         f"over {b.per_min} {what} per minute "
                         f"({'for your group' if ':group:' in b.key else 'for you'}); "
-                        f"retry in {wait:.1f} s"
+                        f"retry in {wait:.1f} s",
+                        # Rounded up to the millisecond: a retry then never comes too early.
+                        retry_after_s=math.ceil(wait * 1000) / 1000,
+                        limit=b.limit,
                     )
         return Reservation(tuple(tok), tokens, tuple(req))
 

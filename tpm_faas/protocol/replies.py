@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
 
 class Record(BaseModel):
@@ -165,13 +165,28 @@ class Receipt(Record):
 
 
 class ErrorRecord(Record):
-    """An error as it crosses a process or network boundary (never a pickled exception)."""
+    """An error as it crosses a process or network boundary (never a pickled exception).
+
+    ``retry_after_s`` (seconds until the same request may pass) and ``limit`` (the policy
+    limit that refused it) come with refusals that have them, e.g. ``rate_limited``; they are
+    left out of the JSON when unset, so every other record is as it always was.
+    """
 
     type: str = "TPMError"
     code: str = "internal"
     layer: str = "internal"
     message: str = ""
     request_id: str | None = None
+    retry_after_s: float | None = None
+    limit: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_extras(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for key in ("retry_after_s", "limit"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
 
 class Reply(Record):
