@@ -30,7 +30,7 @@ PROMPTS = [f"And the LORD spake unto Moses, saying {k}" for k in range(8)]
 
 def test_killed_workers_fail_the_request_and_are_replaced(pg_site: EmbeddedSite) -> None:
     site = pg_site
-    client = site.client("dev")
+    client = site.client("dev", retries=0)  # what one request sees, not the retries
     assert client.generate("In the beginning", max_new_tokens=4).text  # warm
     ledger = site.ledger()
     before = ledger.balance("demo")

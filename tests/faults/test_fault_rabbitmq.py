@@ -65,7 +65,11 @@ def sdk(
         manifest = Manifest.load(out)
         svc.allow(eid, manifest.functions.values())
         with ExecutorTransport.from_manifest(manifest, compute_client(local_services=True)) as t:
-            yield TPMClient(t, token=site.tokens["dev"], timeout_s=CALLER_TIMEOUT_S), manifest
+            # retries=0: what one request sees, not the client's retries
+            yield (
+                TPMClient(t, token=site.tokens["dev"], timeout_s=CALLER_TIMEOUT_S, retries=0),
+                manifest,
+            )
     # pika never closes the sockets of the connections the restart broke (no peer address,
     # so pyproject's filter for its socket pair does not match them): collect them here.
     with warnings.catch_warnings():
@@ -110,7 +114,9 @@ def test_a_broker_restart_never_leaves_the_caller_hanging(
             ExecutorTransport.from_manifest(manifest, compute_client(local_services=True)) as t,
             pytest.raises(RemoteError) as refused,
         ):
-            TPMClient(t, token=pg_site.tokens["dev"]).generate("And it was so", max_new_tokens=4)
+            TPMClient(t, token=pg_site.tokens["dev"], retries=0).generate(
+                "And it was so", max_new_tokens=4
+            )
         print(
             f"\n[faults] RabbitMQ down: refused in {time.monotonic() - t1:.1f} s: {refused.value}"
         )
