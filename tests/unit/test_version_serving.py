@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,13 @@ from tpm_faas.registry import GroupEntry, Registry
 from tpm_faas.testing import FAKE_MODEL, fake_site
 from tpm_faas.testing.transport import InProcessTransport
 from tpm_faas.versions import cache, store
+
+
+@pytest.fixture(autouse=True)
+def _no_leases_left() -> Iterator[None]:
+    """Each test's materialised versions are released after it (the groups stopped)."""
+    yield
+    cache.release_all()
 
 
 @pytest.fixture(scope="module")

@@ -226,6 +226,12 @@ def release(d: Path) -> None:
         f.close()
 
 
+def release_all() -> None:
+    """Give up every lease this process holds (its groups all stopped)."""
+    for d in list(_LEASES):
+        release(d)
+
+
 def _in_use(d: Path) -> bool:
     if d in _LEASES:
         return True
@@ -304,4 +310,5 @@ __all__ = [
     "locate",
     "materialise",
     "release",
+    "release_all",
 ]
