@@ -229,6 +229,10 @@ class RequestFuture(Future["Result"]):
         self.request_id = request_id
 
 
+#: The client method of a mode whose name is not the mode's own.
+_METHODS = {"query": "generate"}
+
+
 def _blocking(
     build: Callable[Concatenate[TPMClient, _P], _Call],
 ) -> Callable[Concatenate[TPMClient, _P], Result]:
@@ -555,10 +559,13 @@ class TPMClient:
                 raise ValueError("map takes a mode name or a method of this client")
         else:
             name = mode_or_method
-        name = {"query": "generate"}.get(name, name).removeprefix("submit_")
-        if name not in ("generate", "embed", "intervene"):
+        from tpm_faas.modes import MODE_NAMES
+
+        methods = [_METHODS.get(m, m) for m in MODE_NAMES]  # a method per mode
+        name = _METHODS.get(name, name).removeprefix("submit_")
+        if name not in methods:
             raise ValueError(
-                f"map runs generate (query), embed or intervene, not {mode_or_method!r}"
+                f"map runs {', '.join(methods)} (or a mode's name), not {mode_or_method!r}"
             )
         submit: Callable[..., Future[Result]] = getattr(self, f"submit_{name}")
         return submit
