@@ -145,8 +145,13 @@ class Result:
 
     @property
     def logit_lens(self) -> list[dict[str, Any]]:
-        """The logit-lens rows of the first prompt (intervene)."""
-        return list(self._run(0).logit_lens)
+        """The logit-lens rows of the first prompt (intervene); :meth:`logit_lens_for` gives
+        any prompt's."""
+        return self.logit_lens_for(0)
+
+    def logit_lens_for(self, prompt: int) -> list[dict[str, Any]]:
+        """The logit-lens rows of prompt ``prompt`` (intervene), one per layer and position."""
+        return list(self._run(prompt).logit_lens)
 
     def array(self, payload: TensorOut | dict[str, Any]) -> np.ndarray:
         """A tensor of this result as a numpy array, inline or from the results file."""
