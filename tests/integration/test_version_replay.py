@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
 from _versions import BASE, descendant
@@ -26,7 +25,6 @@ from tpm_faas.errors import RequestError
 from tpm_faas.gateway.ledger import Ledger
 from tpm_faas.gateway.pipeline import Gateway
 from tpm_faas.launcher import ShardGroup
-from tpm_faas.replay import compare
 from tpm_faas.testing.embedded import DEV_USERS, write_dev_tokens
 from tpm_faas.testing.transport import InProcessTransport
 from tpm_faas.versions import store
@@ -178,57 +176,3 @@ def test_results_replay_bit_identically_after_new_versions_and_a_restart(tmp_pat
         }
     finally:
         group.stop()
-
-
-def test_compare_names_the_site_and_token_of_a_saved_difference() -> None:
-    """Two intervene results that differ in one saved row: the site, the row's token position
-    and the largest difference are reported (no model needed)."""
-    from tpm_faas.protocol.codec import encode_array
-
-    def reply(value: float) -> str:
-        a = np.zeros((3, 4), dtype=np.float32)
-        a[2, 1] = value
-        run = {
-            "text": "",
-            "token_ids": [5, 6],
-            "prompt_tokens": 3,
-            "completion_tokens": 2,
-            "saved": {
-                "blocks.0.hook_resid_post": {"tensor": encode_array(a), "positions": [0, 1, 4]}
-            },
-        }
-        receipt = {
-            "request_id": "r",
-            "model": "m@1",
-            "checkpoint_sha256": "0" * 64,
-            "request_sha256": "1" * 64,
-            "dtype": "float32",
-            "tp_size": 1,
-            "policy_sha256": "2" * 64,
-            "versions": {},
-            "issued_at": 0.0,
-        }
-        return json.dumps(
-            {
-                "ok": True,
-                "request_id": "r",
-                "mode": "intervene",
-                "model": "m@1",
-                "output": {"results": [run]},
-                "usage": {},
-                "receipt": receipt,
-            }
-        )
-
-    same = compare(parse_reply(reply(1.0)), parse_reply(reply(1.0)))
-    assert same.identical and same.summary().startswith("identical")
-    diff = compare(parse_reply(reply(1.0)), parse_reply(reply(1.5)))
-    [d] = diff.differences
-    assert (d.what, d.site, d.token_index, d.max_abs_diff) == (
-        "saved",
-        "blocks.0.hook_resid_post",
-        4,
-        0.5,
-    )
-    nz = compare(parse_reply(reply(0.0)), parse_reply(reply(-0.0)))
-    assert not nz.identical and nz.differences[0].max_abs_diff == 0.0  # bits, not values
